@@ -1,0 +1,33 @@
+"""Configuration errors and the settings read from ``OTEL_INFERENCE_*`` variables.
+
+Bad input is rejected here, at configuration time, with a message that names the
+variable and the bad entry, never deep inside a user's request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from otel_inference.environment_variables import OTEL_INFERENCE_ROOT_STAGES
+
+
+class ConfigurationError(ValueError):
+    """Raised for malformed otel-inference configuration; the message names the problem."""
+
+
+ROOT_STAGE_POLICIES = ("span", "metrics")
+
+
+def root_stage_policy(environ: Mapping[str, str] | None = None) -> str:
+    """Return the validated :envvar:`OTEL_INFERENCE_ROOT_STAGES` policy (default ``span``)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(OTEL_INFERENCE_ROOT_STAGES, "").strip().lower()
+    if not raw:
+        return "span"
+    if raw not in ROOT_STAGE_POLICIES:
+        raise ConfigurationError(
+            f"{OTEL_INFERENCE_ROOT_STAGES}={raw!r} is not a root stage policy; "
+            f"expected one of: {', '.join(ROOT_STAGE_POLICIES)}"
+        )
+    return raw

@@ -1,0 +1,1 @@
+"""Instrumentors, one module or subpackage per library, each a ``BaseInstrumentor``."""

@@ -1,0 +1,56 @@
+"""The base every otel-inference instrumentor derives from.
+
+``opentelemetry-instrument`` checks the distribution's ``instruments-any`` extra
+(satisfied when ANY instrumented library is present) and then calls
+``instrument(skip_dep_check=True)``. So each instrumentor must check its OWN
+library: :meth:`InferenceInstrumentor._instrument` raises
+``DependencyConflictError`` (or ``ModuleNotFoundError``) when it is missing or out
+of range, which the loader logs and skips without touching other instrumentors.
+
+Usage (a subclass)::
+
+    class RedisFeatureInstrumentor(InferenceInstrumentor):
+        def instrumentation_dependencies(self):
+            return ("redis >= 4.2",)
+
+        def _instrument_library(self, recorder, **kwargs):
+            ...  # wrap, recording through ``recorder``
+
+        def _uninstrument(self, **kwargs):
+            ...  # unwrap
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+from opentelemetry.instrumentation.dependencies import (
+    DependencyConflictError,
+    get_dependency_conflicts,
+)
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+from otel_inference.stages import StageRecorder, get_recorder
+
+
+class InferenceInstrumentor(BaseInstrumentor):
+    """``BaseInstrumentor`` that checks its own dependencies and hands the
+    subclass a :class:`StageRecorder` (the shared one, or one bound to the
+    ``tracer_provider``/``meter_provider`` passed to ``instrument()``)."""
+
+    def _instrument(self, **kwargs: Any) -> None:
+        conflict = get_dependency_conflicts(self.instrumentation_dependencies())
+        if conflict is not None:
+            raise DependencyConflictError(conflict)
+        tracer_provider = kwargs.pop("tracer_provider", None)
+        meter_provider = kwargs.pop("meter_provider", None)
+        if tracer_provider is None and meter_provider is None:
+            recorder = get_recorder()
+        else:
+            recorder = StageRecorder(tracer_provider, meter_provider)
+        self._instrument_library(recorder, **kwargs)
+
+    @abstractmethod
+    def _instrument_library(self, recorder: StageRecorder, **kwargs: Any) -> None:
+        """Install the wrappers; record every stage through ``recorder``."""

@@ -1,0 +1,49 @@
+"""Telemetry names shared by every instrumentor, dashboard, alert rule and the report.
+
+Once a name is in a dashboard or an alert rule it is an interface: change it in
+one commit across all of them. Prometheus names are in brackets.
+"""
+
+# Metrics
+STAGE_DURATION = "inference.stage.duration"  # [inference_stage_duration_seconds]
+STAGE_BUDGET = "inference.stage.budget"  # [inference_stage_budget_seconds]
+STAGE_BUDGET_BREACHES = "inference.stage.budget.breaches"  # [..._breaches_total]
+CACHE_LOOKUPS = "inference.cache.lookups"
+TOKENS = "inference.tokens"
+TRANSFER_SIZE = "inference.transfer.size"
+BATCH_SIZE = "inference.batch.size"
+SERIALIZE_SIZE = "inference.serialize.size"
+
+# Attributes (metric labels and span attributes)
+INFERENCE_STAGE = "inference.stage"
+INFERENCE_STAGE_PARENT = "inference.stage.parent"
+INFERENCE_BUDGET_EXCEEDED = "inference.budget.exceeded"
+INFERENCE_BUDGET = "inference.budget"
+INFERENCE_UNATTRIBUTED = "inference.unattributed.duration"
+ERROR_TYPE = "error.type"
+
+# Stage vocabulary: the serving path, in order. Custom names are allowed too.
+QUEUE_WAIT = "queue_wait"
+FEATURE_HYDRATION = "feature_hydration"
+PREPROCESS = "preprocess"
+TOKENIZE = "tokenize"
+H2D_TRANSFER = "h2d_transfer"
+MODEL_FORWARD = "model_forward"
+D2H_TRANSFER = "d2h_transfer"
+POSTPROCESS = "postprocess"
+SERIALIZE = "serialize"
+STAGES = (
+    QUEUE_WAIT,
+    FEATURE_HYDRATION,
+    PREPROCESS,
+    TOKENIZE,
+    H2D_TRANSFER,
+    MODEL_FORWARD,
+    D2H_TRANSFER,
+    POSTPROCESS,
+    SERIALIZE,
+)
+# Pseudo-stages recorded by request(): the whole request, and the part of it
+# that no top-level stage covers.
+REQUEST = "request"
+UNATTRIBUTED = "unattributed"

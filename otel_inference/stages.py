@@ -1,0 +1,638 @@
+"""Stages: the public ``stage()`` / ``request()`` API and the recorder every instrumentor uses.
+
+A request's latency is a sum of stages. Each stage records, for EVERY call, its
+duration into the ``inference.stage.duration`` histogram (attribute
+``inference.stage``), and opens a child span only when the current span is
+recording, so unsampled requests pay for the histogram and nothing else.
+
+Usage::
+
+    from otel_inference import request, stage
+
+    with request():                      # or the SERVER span of a web framework
+        with stage("tokenize"):
+            batch = tokenizer(texts)
+
+    @stage("postprocess")               # decorator: sync and async functions
+    def pool(hidden): ...
+
+Timing rules (the report and ``unattributed`` depend on them):
+
+* Durations are monotonic (``perf_counter_ns``) and INCLUSIVE: a stage's time
+  includes the stages nested in it. A nested stage carries the enclosing stage's
+  name in ``inference.stage.parent`` (absent on top-level stages), so sums over
+  top-level stages (``inference_stage_parent=""``) never double count.
+* ``request()`` records its own duration as stage ``request`` and the time that no
+  top-level stage covered as stage ``unattributed`` (the union of the top-level
+  stage intervals is subtracted, so concurrent stages are not double counted).
+* A stage outside any request (no current span) starts a root span that the
+  sampler may keep, or records metrics only, per ``OTEL_INFERENCE_ROOT_STAGES``.
+* An exception sets the span status and ``error.type`` (also a histogram label)
+  and propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
+from time import perf_counter_ns, time_ns
+from typing import Any, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+
+from otel_inference import semconv
+from otel_inference.budgets import NO_BUDGETS, Budgets, budgets_from_env, coerce_budgets
+from otel_inference.config import ConfigurationError, root_stage_policy
+from otel_inference.metrics import StageInstruments, create_stage_instruments
+from otel_inference.version import __version__
+
+_logger = logging.getLogger(__name__)
+
+INSTRUMENTATION_SCOPE = "otel_inference"
+_MAX_CACHED_ATTRIBUTE_SETS = 1024
+_MAX_REQUEST_INTERVALS = 4096
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_logged_once: set[str] = set()
+
+
+def log_once(key: str, message: str, *args: object, level: int = logging.WARNING) -> None:
+    """Log an instrumentation problem once per process: never flood, never raise."""
+    if key in _logged_once:
+        return
+    _logged_once.add(key)
+    _logger.log(level, message, *args, exc_info=level >= logging.ERROR)
+
+
+class RequestAccount:
+    """Per-request bookkeeping: the top-level stage intervals, and a bag of
+    figures that one stage can leave for a later stage of the same request
+    (e.g. tokenize's token counts for model_forward)."""
+
+    __slots__ = ("_intervals", "attributes", "name", "start_ns")
+
+    def __init__(self, name: str, start_ns: int) -> None:
+        self.name = name
+        self.start_ns = start_ns
+        self.attributes: dict[str, Any] = {}
+        self._intervals: list[tuple[int, int]] = []
+
+    def add_interval(self, start_ns: int, end_ns: int) -> None:
+        self._intervals.append((start_ns, end_ns))
+        if len(self._intervals) > _MAX_REQUEST_INTERVALS:
+            # Bounded memory for requests with huge numbers of stages.
+            self._intervals = _merge(self._intervals)
+
+    def covered_ns(self, start_ns: int, end_ns: int) -> int:
+        """Length of the union of top-level stage intervals, clipped to [start, end]."""
+        covered = 0
+        for lo, hi in _merge(self._intervals):
+            lo, hi = max(lo, start_ns), min(hi, end_ns)
+            if hi > lo:
+                covered += hi - lo
+        return covered
+
+
+def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1]:
+            if hi > merged[-1][1]:
+                merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+# (request account or None, enclosing stage name or None)
+_Frame = tuple[RequestAccount | None, str | None]
+_FRAME: ContextVar[_Frame | None] = ContextVar("otel_inference_frame", default=None)
+
+
+def current_stage() -> str | None:
+    """Name of the innermost open stage in this context, or None."""
+    frame = _FRAME.get()
+    return None if frame is None else frame[1]
+
+
+def current_request() -> RequestAccount | None:
+    """The enclosing ``request()`` account, or None outside one."""
+    frame = _FRAME.get()
+    return None if frame is None else frame[0]
+
+
+class _BudgetGauge:
+    """One ``inference.stage.budget`` observable gauge per meter provider; it
+    exports whatever budgets the recorders bound to that provider hold now."""
+
+    def __init__(self) -> None:
+        self.budgets: Budgets = NO_BUDGETS
+
+    def observe(self, _options: CallbackOptions) -> list[Observation]:
+        return [
+            Observation(seconds, {semconv.INFERENCE_STAGE: stage})
+            for stage, seconds in self.budgets.items()
+        ]
+
+
+class _ProviderInstruments:
+    def __init__(self, instruments: StageInstruments, gauge: _BudgetGauge) -> None:
+        self.instruments = instruments
+        self.gauge = gauge
+
+
+# Instruments are created once per meter provider: the SDK keeps the first
+# registration's bucket advisory, so re-creating them would silently not apply.
+_instruments_lock = threading.Lock()
+_instruments_by_provider: weakref.WeakKeyDictionary[MeterProvider, _ProviderInstruments] = (
+    weakref.WeakKeyDictionary()
+)
+_global_provider_instruments: _ProviderInstruments | None = None
+
+
+def _instruments_for(
+    meter_provider: MeterProvider | None, budgets: Budgets
+) -> _ProviderInstruments:
+    global _global_provider_instruments
+    with _instruments_lock:
+        if meter_provider is None:
+            cached = _global_provider_instruments
+        else:
+            cached = _instruments_by_provider.get(meter_provider)
+        if cached is None:
+            meter = metrics.get_meter(
+                INSTRUMENTATION_SCOPE, __version__, meter_provider=meter_provider
+            )
+            gauge = _BudgetGauge()
+            meter.create_observable_gauge(
+                semconv.STAGE_BUDGET,
+                callbacks=[gauge.observe],
+                unit="s",
+                description="Configured latency budget of each stage",
+            )
+            cached = _ProviderInstruments(create_stage_instruments(meter, budgets.values()), gauge)
+            if meter_provider is None:
+                _global_provider_instruments = cached
+            else:
+                _instruments_by_provider[meter_provider] = cached
+        missing = sorted(set(budgets.values()) - set(cached.instruments.boundaries))
+        if missing:
+            _logger.warning(
+                "budgets %s are not histogram bucket boundaries: the histogram was created "
+                "before they were configured; configure budgets before the first stage "
+                "(or restart) for exact p95-vs-budget",
+                missing,
+            )
+        cached.gauge.budgets = budgets
+        return cached
+
+
+class _Binding:
+    """Everything the hot path needs, built once per configuration and swapped atomically."""
+
+    __slots__ = ("_attribute_sets", "breaches", "budgets", "duration", "root_spans", "tracer")
+
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        instruments: StageInstruments,
+        budgets: Budgets,
+        root_spans: bool,
+    ) -> None:
+        self.tracer = tracer
+        self.duration = instruments.duration
+        self.breaches = instruments.breaches
+        self.budgets = budgets
+        self.root_spans = root_spans
+        self._attribute_sets: dict[tuple[str, str | None], dict[str, str]] = {}
+
+    def metric_attributes(self, name: str, parent: str | None) -> dict[str, str]:
+        key = (name, parent)
+        attributes = self._attribute_sets.get(key)
+        if attributes is None:
+            attributes = {semconv.INFERENCE_STAGE: name}
+            if parent is not None:
+                attributes[semconv.INFERENCE_STAGE_PARENT] = parent
+            if len(self._attribute_sets) < _MAX_CACHED_ATTRIBUTE_SETS:
+                self._attribute_sets[key] = attributes
+        return attributes
+
+
+class StageRecorder:
+    """Records stages into one tracer and one set of instruments.
+
+    Instrumentors share the default recorder (:func:`get_recorder`) unless they
+    are given their own ``tracer_provider`` / ``meter_provider``.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        budgets: Mapping[str, object] | str | None = None,
+        root_stages: str | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._binding: _Binding | None = None
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self._budgets = None if budgets is None else coerce_budgets(budgets)
+        self._root_stages = _check_root_stages(root_stages)
+
+    def configure(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        budgets: Mapping[str, object] | str | None = None,
+        root_stages: str | None = None,
+    ) -> None:
+        """Re-bind to new providers/budgets. Raises :class:`ConfigurationError` on bad
+        input, including malformed ``OTEL_INFERENCE_*`` variables when an argument is
+        left to the environment."""
+        parsed = budgets_from_env() if budgets is None else coerce_budgets(budgets)
+        policy = root_stage_policy() if root_stages is None else _check_root_stages(root_stages)
+        with self._lock:
+            self._tracer_provider = tracer_provider
+            self._meter_provider = meter_provider
+            self._budgets = parsed
+            self._root_stages = policy
+            self._binding = None
+        self._bind()
+
+    @property
+    def budgets(self) -> Budgets:
+        return self._bind().budgets
+
+    def _bind(self) -> _Binding:
+        binding = self._binding
+        if binding is not None:
+            return binding
+        with self._lock:
+            if self._binding is not None:
+                return self._binding
+            budgets = self._budgets
+            if budgets is None:
+                try:
+                    budgets = budgets_from_env()
+                except ConfigurationError as exc:
+                    log_once(
+                        "budgets-env",
+                        "otel-inference: %s; continuing WITHOUT latency budgets",
+                        exc,
+                        level=logging.ERROR,
+                    )
+                    budgets = NO_BUDGETS
+            policy = self._root_stages
+            if policy is None:
+                try:
+                    policy = root_stage_policy()
+                except ConfigurationError as exc:
+                    log_once(
+                        "root-stages-env",
+                        "otel-inference: %s; using 'span'",
+                        exc,
+                        level=logging.ERROR,
+                    )
+                    policy = "span"
+            tracer = trace.get_tracer(
+                INSTRUMENTATION_SCOPE, __version__, tracer_provider=self._tracer_provider
+            )
+            instruments = _instruments_for(self._meter_provider, budgets)
+            self._binding = _Binding(tracer, instruments.instruments, budgets, policy == "span")
+            return self._binding
+
+    def stage(self, name: str, **attributes: Any) -> StageScope:
+        """A stage as a context manager (sync or async) or a decorator."""
+        return StageScope(self, name, attributes)
+
+    def request(self, name: str = "inference.request", **attributes: Any) -> RequestScope:
+        """A request boundary: records ``request`` and ``unattributed`` for every request."""
+        return RequestScope(self, name, attributes)
+
+    def start(self, name: str, attributes: Mapping[str, Any] | None = None) -> StageScope:
+        """Open a stage now (for instrumentors); close it with ``end()``."""
+        scope = StageScope(self, name, attributes)
+        scope.__enter__()
+        return scope
+
+
+def _check_root_stages(policy: str | None) -> str | None:
+    if policy is None:
+        return None
+    return root_stage_policy({"OTEL_INFERENCE_ROOT_STAGES": policy})
+
+
+def _error_type(exc: BaseException) -> str:
+    return type(exc).__qualname__
+
+
+class _Scope:
+    """Shared machinery of stage and request scopes: decorator and async forms."""
+
+    __slots__ = ("_attributes", "_name", "_recorder")
+
+    def __init__(
+        self, recorder: StageRecorder, name: str, attributes: Mapping[str, Any] | None
+    ) -> None:
+        self._recorder = recorder
+        self._name = name
+        self._attributes = attributes
+
+    def _fresh(self) -> _Scope:
+        return type(self)(self._recorder, self._name, self._attributes)
+
+    def __enter__(self) -> _Scope:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        raise NotImplementedError  # pragma: no cover - overridden
+
+    async def __aenter__(self) -> _Scope:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    def __call__(self, func: F) -> F:
+        """Decorate a function: every call is its own scope."""
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with self._fresh():
+                    return await func(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self._fresh():
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+class StageScope(_Scope):
+    """One execution of a stage. Single use as a context manager; as a
+    decorator each call gets a fresh scope."""
+
+    __slots__ = (
+        "_account",
+        "_binding",
+        "_context_token",
+        "_frame_token",
+        "_parent",
+        "_span",
+        "_start_ns",
+        "_start_wall_ns",
+    )
+
+    def __enter__(self) -> StageScope:
+        self._span: Span | None = None
+        try:
+            binding = self._recorder._binding or self._recorder._bind()
+            self._binding = binding
+            frame = _FRAME.get()
+            account, parent = (None, None) if frame is None else frame
+            self._parent = parent
+            # Only top-level stages cover request time (nested ones are inside them).
+            self._account = account if parent is None else None
+            current = trace.get_current_span()
+            if current.is_recording() or (
+                binding.root_spans and not current.get_span_context().is_valid
+            ):
+                self._open_span(binding)
+            self._frame_token: Token[_Frame | None] | None = _FRAME.set((account, self._name))
+        except Exception:  # never break the host application
+            log_once("stage-enter", "otel-inference: failed to open stage", level=logging.ERROR)
+            self._binding = None
+            self._frame_token = None
+        self._start_ns = perf_counter_ns()
+        return self
+
+    def _open_span(self, binding: _Binding) -> None:
+        attributes = {semconv.INFERENCE_STAGE: self._name}
+        if self._parent is not None:
+            attributes[semconv.INFERENCE_STAGE_PARENT] = self._parent
+        if self._attributes:
+            attributes.update(self._attributes)
+        self._start_wall_ns = time_ns()
+        span = binding.tracer.start_span(
+            self._name,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=self._start_wall_ns,
+        )
+        self._span = span
+        # Attached even when the root span is not sampled, so that nested stages
+        # see a valid parent and take the cheap path instead of starting roots.
+        self._context_token = otel_context.attach(trace.set_span_in_context(span))
+
+    @property
+    def is_recording(self) -> bool:
+        """True when this stage has a sampled span (worth computing costly attributes)."""
+        return self._span is not None and self._span.is_recording()
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Set a span attribute (no-op on the unsampled path)."""
+        span = self._span
+        if span is not None:
+            span.set_attribute(key, value)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        duration_ns = perf_counter_ns() - self._start_ns
+        self.exit_context()
+        self.record(duration_ns, exc)
+        return False
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """Close a stage opened with :meth:`StageRecorder.start`."""
+        self.__exit__(None if exc is None else type(exc), exc, None)
+
+    def exit_context(self) -> None:
+        """Restore the caller's context (stage nesting and current span).
+
+        Separate from :meth:`record` so an instrumentor can leave the context on
+        the calling thread now and record a duration resolved later (CUDA events).
+        """
+        try:
+            if self._frame_token is not None:
+                _FRAME.reset(self._frame_token)
+                self._frame_token = None
+            if self._span is not None:
+                otel_context.detach(self._context_token)
+        except Exception:
+            log_once("stage-exit", "otel-inference: failed to close stage", level=logging.ERROR)
+
+    def record(
+        self, duration_ns: int, exc: BaseException | None = None, **span_attributes: Any
+    ) -> None:
+        """Record the histogram, budget check and span end for ``duration_ns``."""
+        binding = self._binding
+        if binding is None:
+            return
+        try:
+            name = self._name
+            seconds = duration_ns / 1e9
+            attributes = binding.metric_attributes(name, self._parent)
+            if exc is not None:
+                attributes = {**attributes, semconv.ERROR_TYPE: _error_type(exc)}
+            budget = binding.budgets.get(name)
+            exceeded = budget is not None and seconds > budget
+            span = self._span
+            if span is not None:
+                if span.is_recording():
+                    if span_attributes:
+                        span.set_attributes(span_attributes)
+                    if budget is not None:
+                        span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
+                    if exc is not None:
+                        _mark_error(span, exc)
+                span.end(end_time=self._start_wall_ns + duration_ns)
+            binding.duration.record(seconds, attributes)
+            if exceeded:
+                binding.breaches.add(1, attributes)
+            if self._account is not None:
+                self._account.add_interval(self._start_ns, self._start_ns + duration_ns)
+        except Exception:
+            log_once("stage-record", "otel-inference: failed to record stage", level=logging.ERROR)
+
+
+def _mark_error(span: Span, exc: BaseException) -> None:
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{_error_type(exc)}: {exc}"))
+    span.set_attribute(semconv.ERROR_TYPE, _error_type(exc))
+
+
+class RequestScope(_Scope):
+    """A request boundary. Records the request duration (stage ``request``) and the
+    time no top-level stage covers (stage ``unattributed``) for every request."""
+
+    __slots__ = (
+        "_account",
+        "_binding",
+        "_context_token",
+        "_frame_token",
+        "_span",
+        "_start_wall_ns",
+    )
+
+    def __enter__(self) -> RequestScope:
+        self._span: Span | None = None
+        self._context_token = None
+        try:
+            binding = self._recorder._binding or self._recorder._bind()
+            self._binding = binding
+            current = trace.get_current_span()
+            parent_valid = current.get_span_context().is_valid
+            if current.is_recording() or not parent_valid:
+                attributes = dict(self._attributes) if self._attributes else {}
+                self._start_wall_ns = time_ns()
+                span = binding.tracer.start_span(
+                    self._name,
+                    kind=SpanKind.INTERNAL if parent_valid else SpanKind.SERVER,
+                    attributes=attributes,
+                    start_time=self._start_wall_ns,
+                )
+                self._span = span
+                self._context_token = otel_context.attach(trace.set_span_in_context(span))
+            start_ns = perf_counter_ns()
+            self._account: RequestAccount = RequestAccount(self._name, start_ns)
+            self._frame_token: Token[_Frame | None] | None = _FRAME.set((self._account, None))
+        except Exception:
+            log_once("request-enter", "otel-inference: failed to open request", level=logging.ERROR)
+            self._binding = None
+            self._frame_token = None
+            self._account = RequestAccount(self._name, perf_counter_ns())
+        return self
+
+    @property
+    def account(self) -> RequestAccount:
+        return self._account
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self._span is not None:
+            self._span.set_attribute(key, value)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        end_ns = perf_counter_ns()
+        binding = self._binding
+        if binding is None:
+            return False
+        try:
+            account = self._account
+            duration_ns = end_ns - account.start_ns
+            unattributed_ns = max(0, duration_ns - account.covered_ns(account.start_ns, end_ns))
+            if self._frame_token is not None:
+                _FRAME.reset(self._frame_token)
+            request_attributes = binding.metric_attributes(semconv.REQUEST, None)
+            if exc is not None:
+                request_attributes = {**request_attributes, semconv.ERROR_TYPE: _error_type(exc)}
+            budget = binding.budgets.get(semconv.REQUEST)
+            exceeded = budget is not None and duration_ns / 1e9 > budget
+            span = self._span
+            if span is not None:
+                if span.is_recording():
+                    span.set_attribute(semconv.INFERENCE_UNATTRIBUTED, unattributed_ns / 1e9)
+                    if budget is not None:
+                        span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
+                    if exc is not None:
+                        _mark_error(span, exc)
+                span.end(end_time=self._start_wall_ns + duration_ns)
+                otel_context.detach(self._context_token)
+            binding.duration.record(duration_ns / 1e9, request_attributes)
+            if exceeded:
+                binding.breaches.add(1, request_attributes)
+            unattributed_attributes = binding.metric_attributes(semconv.UNATTRIBUTED, None)
+            binding.duration.record(unattributed_ns / 1e9, unattributed_attributes)
+            unattributed_budget = binding.budgets.get(semconv.UNATTRIBUTED)
+            if unattributed_budget is not None and unattributed_ns / 1e9 > unattributed_budget:
+                binding.breaches.add(1, unattributed_attributes)
+        except Exception:
+            log_once("request-exit", "otel-inference: failed to close request", level=logging.ERROR)
+        return False
+
+
+_default_recorder = StageRecorder()
+
+
+def get_recorder() -> StageRecorder:
+    """The process-wide recorder behind :func:`stage` and :func:`request`."""
+    return _default_recorder
+
+
+def stage(name: str, **attributes: Any) -> StageScope:
+    """Time a stage: ``with stage("tokenize"):``, ``async with``, or ``@stage("tokenize")``.
+
+    ``attributes`` go on the stage's span (when sampled), never on the histogram.
+    """
+    return StageScope(_default_recorder, name, attributes)
+
+
+def request(name: str = "inference.request", **attributes: Any) -> RequestScope:
+    """Mark a request boundary when no web framework span does (or to get
+    ``request``/``unattributed`` figures for every request)."""
+    return RequestScope(_default_recorder, name, attributes)
+
+
+def configure(
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+    budgets: Mapping[str, object] | str | None = None,
+    root_stages: str | None = None,
+) -> None:
+    """Configure the default recorder. Raises :class:`ConfigurationError` on bad input.
+
+    ``budgets`` given here replace the environment's; ``None`` reads them from
+    ``OTEL_INFERENCE_BUDGETS`` / ``OTEL_INFERENCE_BUDGETS_FILE``.
+    """
+    _default_recorder.configure(tracer_provider, meter_provider, budgets, root_stages)
