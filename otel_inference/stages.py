@@ -61,6 +61,7 @@ _MAX_CACHED_ATTRIBUTE_SETS = 1024
 _MAX_REQUEST_INTERVALS = 4096
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _logged_once: set[str] = set()
 
@@ -199,16 +200,28 @@ def _instruments_for(
 class _Binding:
     """Everything the hot path needs, built once per configuration and swapped atomically."""
 
-    __slots__ = ("_attribute_sets", "breaches", "budgets", "duration", "root_spans", "tracer")
+    __slots__ = (
+        "_attribute_sets",
+        "breaches",
+        "budgets",
+        "duration",
+        "extra_instruments",
+        "meter",
+        "root_spans",
+        "tracer",
+    )
 
     def __init__(
         self,
         tracer: trace.Tracer,
+        meter: metrics.Meter,
         instruments: StageInstruments,
         budgets: Budgets,
         root_spans: bool,
     ) -> None:
         self.tracer = tracer
+        self.meter = meter
+        self.extra_instruments: dict[Callable[[metrics.Meter], Any], Any] = {}
         self.duration = instruments.duration
         self.breaches = instruments.breaches
         self.budgets = budgets
@@ -306,9 +319,28 @@ class StageRecorder:
             tracer = trace.get_tracer(
                 INSTRUMENTATION_SCOPE, __version__, tracer_provider=self._tracer_provider
             )
+            meter = metrics.get_meter(
+                INSTRUMENTATION_SCOPE, __version__, meter_provider=self._meter_provider
+            )
             instruments = _instruments_for(self._meter_provider, budgets)
-            self._binding = _Binding(tracer, instruments.instruments, budgets, policy == "span")
+            self._binding = _Binding(
+                tracer, meter, instruments.instruments, budgets, policy == "span"
+            )
             return self._binding
+
+    def instruments(self, factory: Callable[[metrics.Meter], T]) -> T:
+        """Instruments an instrumentor records besides stage durations.
+
+        ``factory(meter)`` creates them (e.g. a dataclass of counters); the result is
+        cached per configuration, so after :meth:`configure` binds new providers the
+        next call creates them on the new meter. Call it per record, not once at
+        ``instrument()`` time; the cached path is a dict lookup.
+        """
+        binding = self._binding or self._bind()
+        created = binding.extra_instruments.get(factory)
+        if created is None:
+            created = binding.extra_instruments[factory] = factory(binding.meter)
+        return created
 
     def stage(self, name: str, **attributes: Any) -> StageScope:
         """A stage as a context manager (sync or async) or a decorator."""
