@@ -47,7 +47,7 @@ _UNIT_SCALE = {
     "ms": Decimal("0.001"),
     "s": Decimal(1),
 }
-_DURATION = re.compile(r"^\s*(?P<number>[^a-zµ\s]+)\s*(?P<unit>[a-zµ]+)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(?P<number>.*?)\s*(?P<unit>[a-zµ]*)\s*$", re.IGNORECASE)
 _STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -59,7 +59,7 @@ def parse_duration(text: object, *, entry: str, source: str) -> float:
             f"for example '5ms'; got {text!r}"
         )
     match = _DURATION.match(text)
-    if not match:
+    if not match or not match["unit"]:
         raise ConfigurationError(
             f"{source}: budget {entry!r} has no unit; write a number and one of us, ms, s "
             f"(for example '5ms'); got {text!r}"
@@ -69,6 +69,8 @@ def parse_duration(text: object, *, entry: str, source: str) -> float:
         raise ConfigurationError(
             f"{source}: budget {entry!r} has unknown unit {match['unit']!r}; use us, ms or s"
         )
+    if not match["number"]:
+        raise ConfigurationError(f"{source}: budget {entry!r} has no number; got {text!r}")
     try:
         number = Decimal(match["number"])
     except InvalidOperation:
