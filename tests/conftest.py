@@ -64,3 +64,13 @@ def prometheus_server(tmp_path_factory) -> Iterator[PrometheusServer]:
     server = PrometheusServer(tmp_path_factory.mktemp("prometheus")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def otlp_receiver():
+    """A real OTLP/gRPC receiver on 127.0.0.1 (``.endpoint``); decoded requests kept."""
+    from tests.otlp_receiver import OtlpReceiver  # grpc import only when used
+
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
