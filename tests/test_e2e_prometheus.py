@@ -73,7 +73,9 @@ def test_prometheus_quantiles_match_truth(prometheus_server, instrumented_app):
     def scraped_everything():
         result = prometheus_server.query(f"inference_stage_duration_seconds_count{selector}")
         counts = {r["metric"]["inference_stage"]: float(r["value"][1]) for r in result}
-        return counts if counts.get("tokenize") == 100 and counts.get("model_forward") == 100 else None
+        return (
+            counts if counts.get("tokenize") == 100 and counts.get("model_forward") == 100 else None
+        )
 
     counts = wait_until(scraped_everything, 60, "prometheus to scrape the app", interval=0.5)
     assert counts["request"] == 100 and counts["unattributed"] == 100
