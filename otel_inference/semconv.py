@@ -22,6 +22,15 @@ INFERENCE_BUDGET = "inference.budget"
 INFERENCE_UNATTRIBUTED = "inference.unattributed.duration"
 ERROR_TYPE = "error.type"
 
+# Cache lookups (feature hydration): per-key hit/miss counts on the stage span,
+# and the result label of the CACHE_LOOKUPS counter.
+CACHE_RESULT = "inference.cache.result"  # hit | miss
+CACHE_HITS = "inference.cache.hits"
+CACHE_MISSES = "inference.cache.misses"
+CACHE_HIT_RATIO = "inference.cache.hit_ratio"
+CACHE_FEATURE_GROUP = "inference.cache.feature_group"  # opt-in key prefix
+CACHE_FEATURE_GROUPS = "inference.cache.feature_groups"  # span: the distinct groups
+
 # Stage vocabulary: the serving path, in order. Custom names are allowed too.
 QUEUE_WAIT = "queue_wait"
 FEATURE_HYDRATION = "feature_hydration"
