@@ -22,6 +22,7 @@ Usage (a subclass)::
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from typing import Any
 
@@ -31,13 +32,34 @@ from opentelemetry.instrumentation.dependencies import (
 )
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
+from otel_inference.config import ConfigurationError
 from otel_inference.stages import StageRecorder, get_recorder
+
+_logger = logging.getLogger(__name__)
 
 
 class InferenceInstrumentor(BaseInstrumentor):
     """``BaseInstrumentor`` that checks its own dependencies and hands the
     subclass a :class:`StageRecorder` (the shared one, or one bound to the
-    ``tracer_provider``/``meter_provider`` passed to ``instrument()``)."""
+    ``tracer_provider``/``meter_provider`` passed to ``instrument()``).
+
+    Bad configuration raises :class:`ConfigurationError` from a programmatic
+    ``instrument()``. Under ``opentelemetry-instrument`` it is logged at ERROR
+    and this instrumentor is skipped: the loader re-raises anything but import
+    errors, which would stop every instrumentor after this one from loading.
+    """
+
+    def instrument(self, **kwargs: Any) -> Any:
+        # Only the auto-instrumentation loader passes skip_dep_check (it has
+        # checked the distribution already).
+        auto_instrumentation = bool(kwargs.get("skip_dep_check"))
+        try:
+            return super().instrument(**kwargs)
+        except ConfigurationError as exc:
+            if not auto_instrumentation:
+                raise
+            _logger.error("otel-inference: %s not enabled: %s", type(self).__name__, exc)
+            return None
 
     def _instrument(self, **kwargs: Any) -> None:
         conflict = get_dependency_conflicts(self.instrumentation_dependencies())
