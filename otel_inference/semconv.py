@@ -79,3 +79,18 @@ INFERENCE_SERIALIZE_BYTES = "inference.serialize.bytes"
 INFERENCE_PARSE_FORMAT = "inference.parse.format"
 INFERENCE_PARSE_LIBRARY = "inference.parse.library"
 INFERENCE_PARSE_BYTES = "inference.parse.bytes"
+
+# Batching and queues. STAGE_COST [inference_stage_cost_seconds] holds each member's
+# share of a batched stage (duration / batch size), so its sum is the stage's real
+# (device) time, never counted once per member; STAGE_DURATION keeps what each
+# member experienced. Metric attributes: inference.stage (+ batcher name on batch metrics).
+STAGE_COST = "inference.stage.cost"
+BATCH_FILL_RATIO = "inference.batch.fill_ratio"  # batch size / max_batch_size
+BATCH_FORMATION_DURATION = "inference.batch.formation.duration"  # s held open to fill
+INFERENCE_BATCH_SIZE = "inference.batch.size"  # span attribute (same name as the metric)
+INFERENCE_BATCH_MAX_SIZE = "inference.batch.max_size"
+INFERENCE_BATCH_SHARE = "inference.batch.share"  # 1 / batch size, on member spans
+INFERENCE_BATCHER_NAME = "inference.batcher.name"
+INFERENCE_QUEUE_NAME = "inference.queue.name"
+INFERENCE_QUEUE_KIND = "inference.queue.kind"  # queue.Queue | asyncio.Queue (type name)
+INFERENCE_QUEUE_DEPTH = "inference.queue.depth"  # items ahead at enqueue

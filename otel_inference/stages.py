@@ -38,7 +38,7 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from time import perf_counter_ns, time_ns
 from typing import Any, TypeVar
@@ -46,12 +46,25 @@ from typing import Any, TypeVar
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TracerProvider,
+)
 
 from otel_inference import semconv
 from otel_inference.budgets import NO_BUDGETS, Budgets, budgets_from_env, coerce_budgets
 from otel_inference.config import ConfigurationError, root_stage_policy
-from otel_inference.metrics import StageInstruments, create_stage_instruments
+from otel_inference.metrics import (
+    DEFAULT_DURATION_BOUNDARIES,
+    StageInstruments,
+    create_stage_instruments,
+)
 from otel_inference.version import __version__
 
 _logger = logging.getLogger(__name__)
@@ -356,6 +369,110 @@ class StageRecorder:
         scope.__enter__()
         return scope
 
+    def capture(self) -> StageContext:
+        """Capture where a stage measured later, elsewhere, belongs: the calling
+        context's request account, enclosing stage and current span.
+
+        Cheap (a few context-variable reads, no allocation besides the result);
+        call it on the producer's side, e.g. when an item is enqueued, and hand
+        the result to :meth:`record_interval` or :meth:`start_batch` on the
+        consumer's side.
+        """
+        context = otel_context.get_current()
+        return StageContext(_FRAME.get(), context, trace.get_current_span(context))
+
+    def record_interval(
+        self,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        *,
+        context: StageContext | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        links: Sequence[Link] | None = None,
+        exc: BaseException | None = None,
+        span: bool = True,
+        cover: bool = True,
+    ) -> SpanContext | None:
+        """Record a stage that ran from ``start_ns`` to ``end_ns`` (``perf_counter_ns``
+        values) as if it had been opened in ``context`` (default: the current one).
+
+        The rules of :class:`StageScope` hold, judged on the captured context: the
+        histogram is always recorded (label ``inference.stage.parent`` when the
+        captured context was inside a stage), a breach is counted past the
+        budget, a top-level stage covers its interval of the captured request
+        (``cover=False`` when the caller did it already with
+        :meth:`StageContext.cover`), and a span is made only when the captured
+        span was recording at capture time, or as a root span under
+        ``OTEL_INFERENCE_ROOT_STAGES=span`` when there was no span at all
+        (``span=False`` never makes one). The span is backdated to the interval
+        (wall clock derived from the monotonic one); ``attributes`` and ``links``
+        go on it. Returns the span's context when a recording span was made,
+        so that other spans can link to it; otherwise ``None``. Never raises.
+        """
+        try:
+            binding = self._binding or self._bind()
+            captured = self.capture() if context is None else context
+            duration_ns = max(0, end_ns - start_ns)
+            seconds = duration_ns / 1e9
+            metric_attributes = binding.metric_attributes(name, captured.parent)
+            if exc is not None:
+                metric_attributes = {**metric_attributes, semconv.ERROR_TYPE: _error_type(exc)}
+            budget = binding.budgets.get(name)
+            exceeded = budget is not None and seconds > budget
+            span_context = None
+            if span and (
+                captured.recording or (binding.root_spans and not captured.span_context.is_valid)
+            ):
+                span_attributes = {semconv.INFERENCE_STAGE: name}
+                if captured.parent is not None:
+                    span_attributes[semconv.INFERENCE_STAGE_PARENT] = captured.parent
+                if attributes:
+                    span_attributes.update(attributes)
+                start_wall_ns = time_ns() - (perf_counter_ns() - start_ns)
+                new_span = binding.tracer.start_span(
+                    name,
+                    context=captured.context,
+                    kind=SpanKind.INTERNAL,
+                    attributes=span_attributes,
+                    links=links,
+                    start_time=start_wall_ns,
+                )
+                if new_span.is_recording():
+                    if budget is not None:
+                        new_span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
+                    if exc is not None:
+                        _mark_error(new_span, exc)
+                    span_context = new_span.get_span_context()
+                new_span.end(end_time=start_wall_ns + duration_ns)
+            binding.duration.record(seconds, metric_attributes)
+            if exceeded:
+                binding.breaches.add(1, metric_attributes)
+            if cover:
+                captured.cover(start_ns, start_ns + duration_ns)
+            return span_context
+        except Exception:
+            log_once(
+                "stage-interval", "otel-inference: failed to record stage", level=logging.ERROR
+            )
+            return None
+
+    def start_batch(
+        self,
+        name: str,
+        members: Sequence[StageContext | None],
+        attributes: Mapping[str, Any] | None = None,
+    ) -> BatchStageScope:
+        """Open, now, a stage executed once on behalf of several requests (a batch).
+
+        ``members`` are the requests' captured contexts (:meth:`capture`; ``None``
+        for a member that must not be recorded). Close it with ``end()`` (or
+        ``exit_context()`` then ``record()``). See :class:`BatchStageScope`.
+        """
+        scope = BatchStageScope(self, name, members, attributes)
+        scope.__enter__()
+        return scope
+
 
 def _check_root_stages(policy: str | None) -> str | None:
     if policy is None:
@@ -632,6 +749,236 @@ class RequestScope(_Scope):
         except Exception:
             log_once("request-exit", "otel-inference: failed to close request", level=logging.ERROR)
         return False
+
+
+class StageContext:
+    """Where a stage belongs, captured by :meth:`StageRecorder.capture` in one
+    context (a producer) for a stage recorded later from another (a consumer, a
+    batcher). Holds references, not copies: keep it no longer than the work it
+    describes."""
+
+    __slots__ = ("account", "context", "parent", "recording", "span_context")
+
+    def __init__(self, frame: _Frame | None, context: otel_context.Context, span: Span) -> None:
+        self.account, self.parent = (None, None) if frame is None else frame
+        self.context = context
+        self.span_context: SpanContext = span.get_span_context()
+        self.recording: bool = span.is_recording()
+
+    @property
+    def in_request(self) -> bool:
+        """True inside a ``request()`` or under a valid (sampled or not) span."""
+        return self.account is not None or self.span_context.is_valid
+
+    def cover(self, start_ns: int, end_ns: int) -> None:
+        """Count ``[start_ns, end_ns]`` as covered time of the captured request, as
+        a top-level stage does (nothing when captured inside a stage or outside a
+        request). For callers that must cover before they can afford to record."""
+        if self.account is not None and self.parent is None:
+            self.account.add_interval(start_ns, end_ns)
+
+
+def _cost_histogram(meter: metrics.Meter) -> metrics.Histogram:
+    return meter.create_histogram(
+        semconv.STAGE_COST,
+        unit="s",
+        description=(
+            "Each request's share of a stage run once for a batch (duration / batch size): "
+            "sums to the stage's real time, with no double counting"
+        ),
+        explicit_bucket_boundaries_advisory=DEFAULT_DURATION_BOUNDARIES,
+    )
+
+
+class BatchStageScope:
+    """One execution of a stage shared by several requests (a batch forward).
+
+    * Span: ONE span for the batch, child of the first member whose span is
+      recording and linked to every member's span (so it appears once, in one
+      member's trace, reachable from all); no span when no member is recording
+      (a root span, per ``OTEL_INFERENCE_ROOT_STAGES``, only when no member has
+      any span). ``inference.batch.size`` is set on it.
+    * While open, it is the current span and the current stage, with no request:
+      stages nested in the batch work get ``inference.stage.parent=<name>`` and
+      cover no member's request, so sums over top-level stages stay exact.
+    * ``record()``: for EVERY member, the ``inference.stage.duration`` histogram
+      gets the whole duration (what that member experienced; label
+      ``inference.stage.parent`` from the member's captured context), the budget
+      check applies per member, ``inference.stage.cost`` gets ``duration / N``
+      (N = number of members), and top-level members' requests are covered.
+    """
+
+    __slots__ = (
+        "_attributes",
+        "_binding",
+        "_context_token",
+        "_frame_token",
+        "_members",
+        "_name",
+        "_recorder",
+        "_span",
+        "_start_ns",
+        "_start_wall_ns",
+    )
+
+    def __init__(
+        self,
+        recorder: StageRecorder,
+        name: str,
+        members: Sequence[StageContext | None],
+        attributes: Mapping[str, Any] | None,
+    ) -> None:
+        self._recorder = recorder
+        self._name = name
+        self._members = members
+        self._attributes = attributes
+        self._binding: _Binding | None = None
+        self._span: Span | None = None
+        self._context_token: object | None = None
+        self._frame_token: Token[_Frame | None] | None = None
+        self._start_ns = perf_counter_ns()
+        self._start_wall_ns = 0
+
+    def __enter__(self) -> BatchStageScope:
+        try:
+            binding = self._recorder._binding or self._recorder._bind()
+            self._binding = binding
+            parent: StageContext | None = None
+            first_valid: SpanContext | None = None
+            links: list[Link] = []
+            for member in self._members:
+                if member is None or not member.span_context.is_valid:
+                    continue
+                links.append(Link(member.span_context))
+                if first_valid is None:
+                    first_valid = member.span_context
+                if parent is None and member.recording:
+                    parent = member
+            if parent is not None or (binding.root_spans and first_valid is None):
+                attributes: dict[str, Any] = {
+                    semconv.INFERENCE_STAGE: self._name,
+                    semconv.INFERENCE_BATCH_SIZE: len(self._members),
+                }
+                if self._attributes:
+                    attributes.update(self._attributes)
+                self._start_wall_ns = time_ns()
+                span = binding.tracer.start_span(
+                    self._name,
+                    context=None if parent is None else parent.context,
+                    kind=SpanKind.INTERNAL,
+                    attributes=attributes,
+                    links=links,
+                    start_time=self._start_wall_ns,
+                )
+                self._span = span
+                self._context_token = otel_context.attach(trace.set_span_in_context(span))
+            elif first_valid is not None:
+                # Unsampled members: a valid non-recording parent keeps nested
+                # stages on the cheap path instead of starting root spans.
+                self._context_token = otel_context.attach(
+                    trace.set_span_in_context(NonRecordingSpan(first_valid))
+                )
+            self._frame_token = _FRAME.set((None, self._name))
+        except Exception:
+            log_once(
+                "batch-enter", "otel-inference: failed to open batch stage", level=logging.ERROR
+            )
+            self._binding = None
+        self._start_ns = perf_counter_ns()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        duration_ns = perf_counter_ns() - self._start_ns
+        self.exit_context()
+        self.record(duration_ns, exc)
+        return False
+
+    def end(self, exc: BaseException | None = None) -> None:
+        self.__exit__(None if exc is None else type(exc), exc, None)
+
+    @property
+    def start_ns(self) -> int:
+        """``perf_counter_ns`` at which the batch stage started."""
+        return self._start_ns
+
+    @property
+    def is_recording(self) -> bool:
+        return self._span is not None and self._span.is_recording()
+
+    @property
+    def span_context(self) -> SpanContext | None:
+        """The batch span's context when it is recording (for member spans to link to)."""
+        span = self._span
+        return span.get_span_context() if span is not None and span.is_recording() else None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self._span is not None:
+            self._span.set_attribute(key, value)
+
+    def exit_context(self) -> None:
+        """Restore the caller's context; call in the context that opened the scope."""
+        try:
+            if self._frame_token is not None:
+                _FRAME.reset(self._frame_token)
+                self._frame_token = None
+            if self._context_token is not None:
+                otel_context.detach(self._context_token)  # type: ignore[arg-type]
+                self._context_token = None
+        except Exception:
+            log_once(
+                "batch-exit", "otel-inference: failed to close batch stage", level=logging.ERROR
+            )
+
+    def record(
+        self,
+        duration_ns: int,
+        exc: BaseException | None = None,
+        cover: bool = True,
+        **span_attributes: Any,
+    ) -> None:
+        """End the span and record every member's figures (see the class docstring).
+        ``cover=False`` when the caller covered the members' requests already."""
+        binding = self._binding
+        if binding is None:
+            return
+        try:
+            name = self._name
+            seconds = duration_ns / 1e9
+            budget = binding.budgets.get(name)
+            exceeded = budget is not None and seconds > budget
+            span = self._span
+            if span is not None:
+                if span.is_recording():
+                    if span_attributes:
+                        span.set_attributes(span_attributes)
+                    if budget is not None:
+                        span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
+                    if exc is not None:
+                        _mark_error(span, exc)
+                span.end(end_time=self._start_wall_ns + duration_ns)
+            members = self._members
+            if not members:
+                return
+            share = seconds / len(members)
+            cost = self._recorder.instruments(_cost_histogram)
+            end_ns = self._start_ns + duration_ns
+            error = None if exc is None else {semconv.ERROR_TYPE: _error_type(exc)}
+            for member in members:
+                if member is None:
+                    continue
+                attributes = binding.metric_attributes(name, member.parent)
+                if error is not None:
+                    attributes = {**attributes, **error}
+                binding.duration.record(seconds, attributes)
+                cost.record(share, attributes)
+                if exceeded:
+                    binding.breaches.add(1, attributes)
+                if cover:
+                    member.cover(self._start_ns, end_ns)
+        except Exception:
+            log_once(
+                "batch-record", "otel-inference: failed to record batch stage", level=logging.ERROR
+            )
 
 
 _default_recorder = StageRecorder()
