@@ -24,12 +24,15 @@ def cluster_node(tmp_path_factory) -> Iterator[tuple[str, int]]:
     """One redis-server in cluster mode owning all 16384 slots."""
     workdir: Path = tmp_path_factory.mktemp("redis-cluster")
     port = free_port()
+    # The cluster bus defaults to port + 10000, past 65535 for high free ports.
+    bus_port = free_port()
     process = subprocess.Popen(
         [
             require_binary("redis-server"),
             "--port", str(port), "--bind", LOCALHOST, "--save", "", "--appendonly", "no",
             "--dir", str(workdir), "--protected-mode", "no",
             "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
+            "--cluster-port", str(bus_port),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
