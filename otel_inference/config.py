@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from otel_inference.environment_variables import OTEL_INFERENCE_ROOT_STAGES
+from otel_inference.environment_variables import (
+    OTEL_INFERENCE_EXCEPTION_MESSAGES,
+    OTEL_INFERENCE_ROOT_STAGES,
+)
 
 
 class ConfigurationError(ValueError):
@@ -31,3 +34,25 @@ def root_stage_policy(environ: Mapping[str, str] | None = None) -> str:
             f"expected one of: {', '.join(ROOT_STAGE_POLICIES)}"
         )
     return raw
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def parse_bool(name: str, environ: Mapping[str, str] | None = None, default: bool = False) -> bool:
+    """A boolean variable (true/false, 1/0, yes/no, on/off); anything else is an error."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def exception_messages_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """:envvar:`OTEL_INFERENCE_EXCEPTION_MESSAGES` (default false)."""
+    return parse_bool(OTEL_INFERENCE_EXCEPTION_MESSAGES, environ)

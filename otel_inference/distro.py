@@ -29,7 +29,11 @@ from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 
 from otel_inference.budgets import budgets_from_env
-from otel_inference.config import ConfigurationError, root_stage_policy
+from otel_inference.config import (
+    ConfigurationError,
+    exception_messages_enabled,
+    root_stage_policy,
+)
 from otel_inference.stages import log_once
 
 
@@ -40,7 +44,12 @@ def validate_environment() -> list[str]:
     ``opentelemetry-instrument`` the application must still start.
     """
     problems = []
-    for key, check in (("budgets-env", budgets_from_env), ("root-stages-env", root_stage_policy)):
+    checks = (
+        ("budgets-env", budgets_from_env),
+        ("root-stages-env", root_stage_policy),
+        ("exception-messages-env", exception_messages_enabled),
+    )
+    for key, check in checks:
         try:
             check()
         except ConfigurationError as exc:

@@ -30,3 +30,13 @@ What a stage outside any request (no current span: a worker thread, warm-up,
 a script) produces besides its histogram: ``span`` (default) starts a root span
 that the sampler may keep; ``metrics`` records the histogram only.
 """
+
+OTEL_INFERENCE_EXCEPTION_MESSAGES = "OTEL_INFERENCE_EXCEPTION_MESSAGES"
+"""
+.. envvar:: OTEL_INFERENCE_EXCEPTION_MESSAGES
+
+``true`` records exception messages on stage spans (``exception.message``, the
+status description). Default ``false``: messages often quote payload (a key, an
+input text), so only ``exception.type``, the stack frames and ``error.type``
+are recorded.
+"""

@@ -37,6 +37,7 @@ import functools
 import inspect
 import logging
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -46,6 +47,10 @@ from typing import Any, TypeVar
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+from opentelemetry.semconv.attributes.exception_attributes import (
+    EXCEPTION_STACKTRACE,
+    EXCEPTION_TYPE,
+)
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -59,7 +64,11 @@ from opentelemetry.trace import (
 
 from otel_inference import semconv
 from otel_inference.budgets import NO_BUDGETS, Budgets, budgets_from_env, coerce_budgets
-from otel_inference.config import ConfigurationError, root_stage_policy
+from otel_inference.config import (
+    ConfigurationError,
+    exception_messages_enabled,
+    root_stage_policy,
+)
 from otel_inference.metrics import (
     DEFAULT_DURATION_BOUNDARIES,
     StageInstruments,
@@ -218,6 +227,7 @@ class _Binding:
         "breaches",
         "budgets",
         "duration",
+        "exception_messages",
         "extra_instruments",
         "meter",
         "root_spans",
@@ -231,8 +241,10 @@ class _Binding:
         instruments: StageInstruments,
         budgets: Budgets,
         root_spans: bool,
+        exception_messages: bool = False,
     ) -> None:
         self.tracer = tracer
+        self.exception_messages = exception_messages
         self.meter = meter
         self.extra_instruments: dict[Callable[[metrics.Meter], Any], Any] = {}
         self.duration = instruments.duration
@@ -286,6 +298,7 @@ class StageRecorder:
         left to the environment."""
         parsed = budgets_from_env() if budgets is None else coerce_budgets(budgets)
         policy = root_stage_policy() if root_stages is None else _check_root_stages(root_stages)
+        exception_messages_enabled()  # raises on a malformed variable
         with self._lock:
             self._tracer_provider = tracer_provider
             self._meter_provider = meter_provider
@@ -336,8 +349,23 @@ class StageRecorder:
                 INSTRUMENTATION_SCOPE, __version__, meter_provider=self._meter_provider
             )
             instruments = _instruments_for(self._meter_provider, budgets)
+            try:
+                exception_messages = exception_messages_enabled()
+            except ConfigurationError as exc:
+                log_once(
+                    "exception-messages-env",
+                    "otel-inference: %s; exception messages stay off",
+                    exc,
+                    level=logging.ERROR,
+                )
+                exception_messages = False
             self._binding = _Binding(
-                tracer, meter, instruments.instruments, budgets, policy == "span"
+                tracer,
+                meter,
+                instruments.instruments,
+                budgets,
+                policy == "span",
+                exception_messages,
             )
             return self._binding
 
@@ -442,7 +470,7 @@ class StageRecorder:
                     if budget is not None:
                         new_span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
                     if exc is not None:
-                        _mark_error(new_span, exc)
+                        _mark_error(new_span, exc, binding.exception_messages)
                     span_context = new_span.get_span_context()
                 new_span.end(end_time=start_wall_ns + duration_ns)
             binding.duration.record(seconds, metric_attributes)
@@ -539,6 +567,7 @@ class StageScope(_Scope):
         "_binding",
         "_context_token",
         "_frame_token",
+        "_metric_context",
         "_parent",
         "_span",
         "_start_ns",
@@ -547,6 +576,7 @@ class StageScope(_Scope):
 
     def __enter__(self) -> StageScope:
         self._span: Span | None = None
+        self._metric_context: otel_context.Context | None = None
         try:
             binding = self._recorder._binding or self._recorder._bind()
             self._binding = binding
@@ -555,11 +585,13 @@ class StageScope(_Scope):
             self._parent = parent
             # Only top-level stages cover request time (nested ones are inside them).
             self._account = account if parent is None else None
-            current = trace.get_current_span()
+            context = otel_context.get_current()
+            self._metric_context = context
+            current = trace.get_current_span(context)
             if current.is_recording() or (
                 binding.root_spans and not current.get_span_context().is_valid
             ):
-                self._open_span(binding)
+                self._open_span(binding, context)
             self._frame_token: Token[_Frame | None] | None = _FRAME.set((account, self._name))
         except Exception:  # never break the host application
             log_once("stage-enter", "otel-inference: failed to open stage", level=logging.ERROR)
@@ -568,7 +600,7 @@ class StageScope(_Scope):
         self._start_ns = perf_counter_ns()
         return self
 
-    def _open_span(self, binding: _Binding) -> None:
+    def _open_span(self, binding: _Binding, context: otel_context.Context) -> None:
         attributes = {semconv.INFERENCE_STAGE: self._name}
         if self._parent is not None:
             attributes[semconv.INFERENCE_STAGE_PARENT] = self._parent
@@ -577,14 +609,20 @@ class StageScope(_Scope):
         self._start_wall_ns = time_ns()
         span = binding.tracer.start_span(
             self._name,
+            context=context,
             kind=SpanKind.INTERNAL,
             attributes=attributes,
             start_time=self._start_wall_ns,
         )
         self._span = span
+        span_context = trace.set_span_in_context(span, context)
+        # Metrics are recorded in the stage's own context, so an exemplar links
+        # the histogram bucket to this stage's span (not its parent), even when
+        # record() runs later on another thread.
+        self._metric_context = span_context
         # Attached even when the root span is not sampled, so that nested stages
         # see a valid parent and take the cheap path instead of starting roots.
-        self._context_token = otel_context.attach(trace.set_span_in_context(span))
+        self._context_token = otel_context.attach(span_context)
 
     @property
     def is_recording(self) -> bool:
@@ -645,21 +683,34 @@ class StageScope(_Scope):
                     if budget is not None:
                         span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
                     if exc is not None:
-                        _mark_error(span, exc)
+                        _mark_error(span, exc, binding.exception_messages)
                 span.end(end_time=self._start_wall_ns + duration_ns)
-            binding.duration.record(seconds, attributes)
+            binding.duration.record(seconds, attributes, context=self._metric_context)
             if exceeded:
-                binding.breaches.add(1, attributes)
+                binding.breaches.add(1, attributes, context=self._metric_context)
             if self._account is not None:
                 self._account.add_interval(self._start_ns, self._start_ns + duration_ns)
         except Exception:
             log_once("stage-record", "otel-inference: failed to record stage", level=logging.ERROR)
 
 
-def _mark_error(span: Span, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{_error_type(exc)}: {exc}"))
-    span.set_attribute(semconv.ERROR_TYPE, _error_type(exc))
+def _mark_error(span: Span, exc: BaseException, with_message: bool) -> None:
+    error_type = _error_type(exc)
+    span.set_attribute(semconv.ERROR_TYPE, error_type)
+    if with_message:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{error_type}: {exc}"))
+        return
+    # Exception messages often quote payload (KeyError('user:42'), a bad input
+    # text): by default record the type and the frames, never the message.
+    span.add_event(
+        "exception",
+        {
+            EXCEPTION_TYPE: error_type,
+            EXCEPTION_STACKTRACE: "".join(traceback.format_tb(exc.__traceback__)),
+        },
+    )
+    span.set_status(Status(StatusCode.ERROR, error_type))
 
 
 class RequestScope(_Scope):
@@ -735,7 +786,7 @@ class RequestScope(_Scope):
                     if budget is not None:
                         span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
                     if exc is not None:
-                        _mark_error(span, exc)
+                        _mark_error(span, exc, binding.exception_messages)
                 span.end(end_time=self._start_wall_ns + duration_ns)
                 otel_context.detach(self._context_token)
             binding.duration.record(duration_ns / 1e9, request_attributes)
@@ -954,7 +1005,7 @@ class BatchStageScope:
                     if budget is not None:
                         span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
                     if exc is not None:
-                        _mark_error(span, exc)
+                        _mark_error(span, exc, binding.exception_messages)
                 span.end(end_time=self._start_wall_ns + duration_ns)
             members = self._members
             if not members:

@@ -354,3 +354,54 @@ def test_deferred_record_uses_given_duration(telemetry):
     assert span.end_time - span.start_time == 7_000_000
     assert span.attributes["inference.host.duration"] == 0.0001
     assert telemetry.stage_points()["model_forward"].sum == pytest.approx(0.007)
+
+
+def _span_text(span) -> str:
+    """Everything a span would export, as text."""
+    events = [(e.name, dict(e.attributes)) for e in span.events]
+    return repr((span.name, dict(span.attributes), events, span.status.description))
+
+
+def test_exception_message_is_not_recorded_by_default(telemetry):
+    secret = "user:4242-secret-feature-key"
+    with pytest.raises(KeyError), stage("feature_hydration"):
+        raise KeyError(secret)
+    (span,) = telemetry.spans("feature_hydration")
+    assert secret not in _span_text(span)
+    (event,) = span.events
+    assert event.attributes["exception.type"] == "KeyError"
+    assert (
+        "test_exception_message_is_not_recorded_by_default"
+        in event.attributes["exception.stacktrace"]
+    )
+    assert span.status.description == "KeyError"
+
+
+def test_exception_message_recorded_when_opted_in(telemetry, monkeypatch):
+    monkeypatch.setenv("OTEL_INFERENCE_EXCEPTION_MESSAGES", "true")
+    configure(telemetry.tracer_provider, telemetry.meter_provider, budgets={})
+    with pytest.raises(ValueError), stage("preprocess"):
+        raise ValueError("bad input shape")
+    (span,) = telemetry.spans("preprocess")
+    assert span.events[0].attributes["exception.message"] == "bad input shape"
+    assert span.status.description == "ValueError: bad input shape"
+
+
+def test_exception_messages_variable_is_validated(monkeypatch):
+    from otel_inference import ConfigurationError
+
+    monkeypatch.setenv("OTEL_INFERENCE_EXCEPTION_MESSAGES", "sometimes")
+    with pytest.raises(ConfigurationError, match="OTEL_INFERENCE_EXCEPTION_MESSAGES='sometimes'"):
+        configure()
+
+
+def test_histogram_exemplar_points_at_the_stage_span(telemetry):
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("server"):
+        with stage("model_forward"):
+            pass
+    (span,) = telemetry.spans("model_forward")
+    point = telemetry.stage_points()["model_forward"]
+    (exemplar,) = point.exemplars
+    assert exemplar.span_id == span.context.span_id
+    assert exemplar.trace_id == span.context.trace_id
