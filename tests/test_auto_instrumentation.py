@@ -85,7 +85,15 @@ def test_env_vars_are_opentelemetry_instrument_flags():
     help_text = subprocess.run(
         [OPENTELEMETRY_INSTRUMENT, "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for flag in ("--inference_budgets", "--inference_budgets_file", "--inference_root_stages"):
+    for flag in (
+        "--inference_budgets",
+        "--inference_budgets_file",
+        "--inference_root_stages",
+        "--inference_exception_messages",
+        "--inference_redis_commands",
+        "--inference_serializers_parse",
+        "--inference_queues_scope",
+    ):
         assert flag in help_text
     result = run_instrumented("--inference_budgets", "tokenize=3ms")
     assert result["budgets_env"] == "tokenize=3ms"
