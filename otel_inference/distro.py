@@ -32,8 +32,14 @@ from otel_inference.budgets import budgets_from_env
 from otel_inference.config import (
     ConfigurationError,
     exception_messages_enabled,
+    parse_bool,
     root_stage_policy,
 )
+from otel_inference.environment_variables import (
+    OTEL_INFERENCE_DOWNSTREAM,
+    OTEL_INFERENCE_GC_FREEZE,
+)
+from otel_inference.runtime import cold_start_requests, gc_event_threshold
 from otel_inference.stages import log_once
 
 
@@ -48,6 +54,10 @@ def validate_environment() -> list[str]:
         ("budgets-env", budgets_from_env),
         ("root-stages-env", root_stage_policy),
         ("exception-messages-env", exception_messages_enabled),
+        ("cold-start-env", cold_start_requests),
+        ("gc-event-threshold-env", gc_event_threshold),
+        ("gc-freeze-env", lambda: parse_bool(OTEL_INFERENCE_GC_FREEZE)),
+        ("downstream-env", lambda: parse_bool(OTEL_INFERENCE_DOWNSTREAM, default=True)),
     )
     for key, check in checks:
         try:

@@ -40,3 +40,42 @@ status description). Default ``false``: messages often quote payload (a key, an
 input text), so only ``exception.type``, the stack frames and ``error.type``
 are recorded.
 """
+
+OTEL_INFERENCE_COLD_START_REQUESTS = "OTEL_INFERENCE_COLD_START_REQUESTS"
+"""
+.. envvar:: OTEL_INFERENCE_COLD_START_REQUESTS
+
+How many requests after process start are flagged ``inference.cold_start=true``
+(default 10; ``0`` turns flagging off). Stages before the process is warm
+(model load, warm-up, the first torch.compile) are flagged too.
+"""
+
+OTEL_INFERENCE_GC_EVENT_THRESHOLD = "OTEL_INFERENCE_GC_EVENT_THRESHOLD"
+"""
+.. envvar:: OTEL_INFERENCE_GC_EVENT_THRESHOLD
+
+GC pauses at least this long (``us``, ``ms`` or ``s``; default ``1ms``), and every
+generation-2 pause, become a ``gc.pause`` event on the spans of the requests in
+flight. Every pause counts in the per-request totals and the histogram.
+"""
+
+OTEL_INFERENCE_GC_FREEZE = "OTEL_INFERENCE_GC_FREEZE"
+"""
+.. envvar:: OTEL_INFERENCE_GC_FREEZE
+
+``true`` calls ``gc.freeze()`` when the process is marked warm
+(:func:`otel_inference.runtime.mark_warm` or the end of the cold-start window),
+moving everything allocated so far (a loaded model's hundreds of thousands of
+objects) out of the collector's reach, so full collections stop rescanning
+them. Default ``false``.
+"""
+
+OTEL_INFERENCE_DOWNSTREAM = "OTEL_INFERENCE_DOWNSTREAM"
+"""
+.. envvar:: OTEL_INFERENCE_DOWNSTREAM
+
+``true`` (default): CLIENT spans of the contrib HTTP/gRPC client
+instrumentations (requests, httpx, aiohttp-client, urllib, urllib3, grpc) made
+inside a request also record a ``downstream`` stage. ``false`` leaves their
+tracers untouched.
+"""

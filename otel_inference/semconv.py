@@ -20,8 +20,10 @@ INFERENCE_STAGE_PARENT = "inference.stage.parent"
 INFERENCE_BUDGET_EXCEEDED = "inference.budget.exceeded"
 INFERENCE_BUDGET = "inference.budget"
 INFERENCE_UNATTRIBUTED = "inference.unattributed.duration"
+INFERENCE_COLD_START = "inference.cold_start"  # true on cold requests/stages (span + histogram label)
+INFERENCE_GC_PAUSE_DURATION = "inference.gc.pause.duration"  # request span: total s paused by GC
+INFERENCE_GC_PAUSE_COUNT = "inference.gc.pause.count"
 ERROR_TYPE = "error.type"
-
 # Cache lookups (feature hydration): per-key hit/miss counts on the stage span,
 # and the result label of the CACHE_LOOKUPS counter.
 CACHE_RESULT = "inference.cache.result"  # hit | miss
@@ -57,6 +59,21 @@ STAGES = (
 REQUEST = "request"
 UNATTRIBUTED = "unattributed"
 
+# Batching and queues. STAGE_COST [inference_stage_cost_seconds] holds each member's
+# share of a batched stage (duration / batch size), so its sum is the stage's real
+# (device) time, never counted once per member; STAGE_DURATION keeps what each
+# member experienced. Metric attributes: inference.stage (+ batcher name on batch metrics).
+STAGE_COST = "inference.stage.cost"
+BATCH_FILL_RATIO = "inference.batch.fill_ratio"  # batch size / max_batch_size
+BATCH_FORMATION_DURATION = "inference.batch.formation.duration"  # s held open to fill
+INFERENCE_BATCH_SIZE = "inference.batch.size"  # span attribute (same name as the metric)
+INFERENCE_BATCH_MAX_SIZE = "inference.batch.max_size"
+INFERENCE_BATCH_SHARE = "inference.batch.share"  # 1 / batch size, on member spans
+INFERENCE_BATCHER_NAME = "inference.batcher.name"
+INFERENCE_QUEUE_NAME = "inference.queue.name"
+INFERENCE_QUEUE_KIND = "inference.queue.kind"  # queue.Queue | asyncio.Queue (type name)
+INFERENCE_QUEUE_DEPTH = "inference.queue.depth"  # items ahead at enqueue
+
 # Tokenize. The ``inference.tokens`` counter carries INFERENCE_TOKEN_KIND.
 INFERENCE_TOKEN_KIND = "inference.token.kind"
 TOKEN_KIND_REAL = "real"  # non-padding positions (attention mask 1)
@@ -79,18 +96,3 @@ INFERENCE_SERIALIZE_BYTES = "inference.serialize.bytes"
 INFERENCE_PARSE_FORMAT = "inference.parse.format"
 INFERENCE_PARSE_LIBRARY = "inference.parse.library"
 INFERENCE_PARSE_BYTES = "inference.parse.bytes"
-
-# Batching and queues. STAGE_COST [inference_stage_cost_seconds] holds each member's
-# share of a batched stage (duration / batch size), so its sum is the stage's real
-# (device) time, never counted once per member; STAGE_DURATION keeps what each
-# member experienced. Metric attributes: inference.stage (+ batcher name on batch metrics).
-STAGE_COST = "inference.stage.cost"
-BATCH_FILL_RATIO = "inference.batch.fill_ratio"  # batch size / max_batch_size
-BATCH_FORMATION_DURATION = "inference.batch.formation.duration"  # s held open to fill
-INFERENCE_BATCH_SIZE = "inference.batch.size"  # span attribute (same name as the metric)
-INFERENCE_BATCH_MAX_SIZE = "inference.batch.max_size"
-INFERENCE_BATCH_SHARE = "inference.batch.share"  # 1 / batch size, on member spans
-INFERENCE_BATCHER_NAME = "inference.batcher.name"
-INFERENCE_QUEUE_NAME = "inference.queue.name"
-INFERENCE_QUEUE_KIND = "inference.queue.kind"  # queue.Queue | asyncio.Queue (type name)
-INFERENCE_QUEUE_DEPTH = "inference.queue.depth"  # items ahead at enqueue

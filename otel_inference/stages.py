@@ -74,6 +74,7 @@ from otel_inference.metrics import (
     StageInstruments,
     create_stage_instruments,
 )
+from otel_inference.runtime import COLD_START, GC_GENERATION, GC_PAUSE, gc_monitor
 from otel_inference.version import __version__
 
 _logger = logging.getLogger(__name__)
@@ -101,13 +102,27 @@ class RequestAccount:
     figures that one stage can leave for a later stage of the same request
     (e.g. tokenize's token counts for model_forward)."""
 
-    __slots__ = ("_intervals", "attributes", "name", "start_ns")
+    __slots__ = (
+        "_intervals",
+        "attributes",
+        "cold",
+        "gc_pause_count",
+        "gc_pause_ns",
+        "gc_pauses",
+        "name",
+        "start_ns",
+    )
 
-    def __init__(self, name: str, start_ns: int) -> None:
+    def __init__(self, name: str, start_ns: int, cold: bool = False) -> None:
         self.name = name
         self.start_ns = start_ns
+        self.cold = cold
         self.attributes: dict[str, Any] = {}
         self._intervals: list[tuple[int, int]] = []
+        # Written by the GC monitor's callback while the request is in flight.
+        self.gc_pause_ns = 0
+        self.gc_pause_count = 0
+        self.gc_pauses: list[Any] = []
 
     def add_interval(self, start_ns: int, end_ns: int) -> None:
         self._intervals.append((start_ns, end_ns))
@@ -251,15 +266,19 @@ class _Binding:
         self.breaches = instruments.breaches
         self.budgets = budgets
         self.root_spans = root_spans
-        self._attribute_sets: dict[tuple[str, str | None], dict[str, str]] = {}
+        self._attribute_sets: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
 
-    def metric_attributes(self, name: str, parent: str | None) -> dict[str, str]:
-        key = (name, parent)
+    def metric_attributes(
+        self, name: str, parent: str | None, cold: bool = False
+    ) -> dict[str, Any]:
+        key = (name, parent, cold)
         attributes = self._attribute_sets.get(key)
         if attributes is None:
             attributes = {semconv.INFERENCE_STAGE: name}
             if parent is not None:
                 attributes[semconv.INFERENCE_STAGE_PARENT] = parent
+            if cold:
+                attributes[semconv.INFERENCE_COLD_START] = True
             if len(self._attribute_sets) < _MAX_CACHED_ATTRIBUTE_SETS:
                 self._attribute_sets[key] = attributes
         return attributes
@@ -558,6 +577,50 @@ class _Scope:
         return wrapper  # type: ignore[return-value]
 
 
+def _cold_outside_request(parent: str | None, current: Span) -> bool:
+    """While the process is cold, a stage outside ``request()`` is cold; the first
+    top-level stage of each new trace counts as a (zero-code) request."""
+    span_context = current.get_span_context()
+    if parent is None and span_context.is_valid:
+        return COLD_START.take_trace(span_context.trace_id)
+    return True
+
+
+_GC = gc_monitor()
+_GC_PENDING = _GC.pending
+_GC_BOUNDARIES = (0.00001, 0.000025, 0.00005, 0.000075)
+_GC_ATTRIBUTES = {generation: {GC_GENERATION: generation} for generation in range(3)}
+
+
+def _gc_pause_histogram(meter: metrics.Meter) -> metrics.Histogram:
+    from otel_inference.metrics import DEFAULT_DURATION_BOUNDARIES
+
+    return meter.create_histogram(
+        GC_PAUSE,
+        unit="s",
+        description="Duration of each garbage collection (the whole process stops)",
+        explicit_bucket_boundaries_advisory=(*_GC_BOUNDARIES, *DEFAULT_DURATION_BOUNDARIES),
+    )
+
+
+def _drain_gc_pauses(binding: _Binding) -> None:
+    """Record pauses the GC callback queued (it must not call the SDK itself)."""
+    histogram = binding.extra_instruments.get(_gc_pause_histogram)
+    if histogram is None:
+        histogram = binding.extra_instruments[_gc_pause_histogram] = _gc_pause_histogram(
+            binding.meter
+        )
+    pending = _GC_PENDING
+    while pending:
+        try:
+            pause = pending.popleft()
+        except IndexError:  # drained by another thread
+            return
+        histogram.record(
+            pause.duration_ns / 1e9, _GC_ATTRIBUTES.get(pause.generation, _GC_ATTRIBUTES[2])
+        )
+
+
 class StageScope(_Scope):
     """One execution of a stage. Single use as a context manager; as a
     decorator each call gets a fresh scope."""
@@ -565,6 +628,7 @@ class StageScope(_Scope):
     __slots__ = (
         "_account",
         "_binding",
+        "_cold",
         "_context_token",
         "_frame_token",
         "_metric_context",
@@ -588,6 +652,12 @@ class StageScope(_Scope):
             context = otel_context.get_current()
             self._metric_context = context
             current = trace.get_current_span(context)
+            if account is not None:
+                self._cold = account.cold
+            elif COLD_START.active:
+                self._cold = _cold_outside_request(parent, current)
+            else:
+                self._cold = False
             if current.is_recording() or (
                 binding.root_spans and not current.get_span_context().is_valid
             ):
@@ -601,9 +671,11 @@ class StageScope(_Scope):
         return self
 
     def _open_span(self, binding: _Binding, context: otel_context.Context) -> None:
-        attributes = {semconv.INFERENCE_STAGE: self._name}
+        attributes: dict[str, Any] = {semconv.INFERENCE_STAGE: self._name}
         if self._parent is not None:
             attributes[semconv.INFERENCE_STAGE_PARENT] = self._parent
+        if self._cold:
+            attributes[semconv.INFERENCE_COLD_START] = True
         if self._attributes:
             attributes.update(self._attributes)
         self._start_wall_ns = time_ns()
@@ -670,7 +742,7 @@ class StageScope(_Scope):
         try:
             name = self._name
             seconds = duration_ns / 1e9
-            attributes = binding.metric_attributes(name, self._parent)
+            attributes = binding.metric_attributes(name, self._parent, self._cold)
             if exc is not None:
                 attributes = {**attributes, semconv.ERROR_TYPE: _error_type(exc)}
             budget = binding.budgets.get(name)
@@ -690,6 +762,8 @@ class StageScope(_Scope):
                 binding.breaches.add(1, attributes, context=self._metric_context)
             if self._account is not None:
                 self._account.add_interval(self._start_ns, self._start_ns + duration_ns)
+            if _GC_PENDING:
+                _drain_gc_pauses(binding)
         except Exception:
             log_once("stage-record", "otel-inference: failed to record stage", level=logging.ERROR)
 
@@ -713,6 +787,21 @@ def _mark_error(span: Span, exc: BaseException, with_message: bool) -> None:
     span.set_status(Status(StatusCode.ERROR, error_type))
 
 
+def _add_gc_pauses(span: Span, account: RequestAccount) -> None:
+    span.set_attribute(semconv.INFERENCE_GC_PAUSE_DURATION, account.gc_pause_ns / 1e9)
+    span.set_attribute(semconv.INFERENCE_GC_PAUSE_COUNT, account.gc_pause_count)
+    for pause in account.gc_pauses:
+        span.add_event(
+            "gc.pause",
+            {
+                GC_GENERATION: pause.generation,
+                "inference.gc.pause.duration": pause.duration_ns / 1e9,
+                "inference.gc.collected": pause.collected,
+            },
+            timestamp=pause.end_wall_ns,
+        )
+
+
 class RequestScope(_Scope):
     """A request boundary. Records the request duration (stage ``request``) and the
     time no top-level stage covers (stage ``unattributed``) for every request."""
@@ -734,8 +823,11 @@ class RequestScope(_Scope):
             self._binding = binding
             current = trace.get_current_span()
             parent_valid = current.get_span_context().is_valid
+            cold = COLD_START.take_request()
             if current.is_recording() or not parent_valid:
                 attributes = dict(self._attributes) if self._attributes else {}
+                if cold:
+                    attributes[semconv.INFERENCE_COLD_START] = True
                 self._start_wall_ns = time_ns()
                 span = binding.tracer.start_span(
                     self._name,
@@ -746,7 +838,9 @@ class RequestScope(_Scope):
                 self._span = span
                 self._context_token = otel_context.attach(trace.set_span_in_context(span))
             start_ns = perf_counter_ns()
-            self._account: RequestAccount = RequestAccount(self._name, start_ns)
+            self._account: RequestAccount = RequestAccount(self._name, start_ns, cold)
+            if _GC.started:
+                _GC.in_flight[id(self._account)] = self._account
             self._frame_token: Token[_Frame | None] | None = _FRAME.set((self._account, None))
         except Exception:
             log_once("request-enter", "otel-inference: failed to open request", level=logging.ERROR)
@@ -770,11 +864,12 @@ class RequestScope(_Scope):
             return False
         try:
             account = self._account
+            _GC.in_flight.pop(id(account), None)
             duration_ns = end_ns - account.start_ns
             unattributed_ns = max(0, duration_ns - account.covered_ns(account.start_ns, end_ns))
             if self._frame_token is not None:
                 _FRAME.reset(self._frame_token)
-            request_attributes = binding.metric_attributes(semconv.REQUEST, None)
+            request_attributes = binding.metric_attributes(semconv.REQUEST, None, account.cold)
             if exc is not None:
                 request_attributes = {**request_attributes, semconv.ERROR_TYPE: _error_type(exc)}
             budget = binding.budgets.get(semconv.REQUEST)
@@ -783,6 +878,8 @@ class RequestScope(_Scope):
             if span is not None:
                 if span.is_recording():
                     span.set_attribute(semconv.INFERENCE_UNATTRIBUTED, unattributed_ns / 1e9)
+                    if account.gc_pause_count:
+                        _add_gc_pauses(span, account)
                     if budget is not None:
                         span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
                     if exc is not None:
@@ -792,11 +889,15 @@ class RequestScope(_Scope):
             binding.duration.record(duration_ns / 1e9, request_attributes)
             if exceeded:
                 binding.breaches.add(1, request_attributes)
-            unattributed_attributes = binding.metric_attributes(semconv.UNATTRIBUTED, None)
+            unattributed_attributes = binding.metric_attributes(
+                semconv.UNATTRIBUTED, None, account.cold
+            )
             binding.duration.record(unattributed_ns / 1e9, unattributed_attributes)
             unattributed_budget = binding.budgets.get(semconv.UNATTRIBUTED)
             if unattributed_budget is not None and unattributed_ns / 1e9 > unattributed_budget:
                 binding.breaches.add(1, unattributed_attributes)
+            if _GC_PENDING:
+                _drain_gc_pauses(binding)
         except Exception:
             log_once("request-exit", "otel-inference: failed to close request", level=logging.ERROR)
         return False

@@ -8,12 +8,14 @@ import pytest
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 from otel_inference import get_recorder
+from otel_inference.runtime import COLD_START
 from tests.servers import PrometheusServer, RedisServer
 from tests.telemetry import Telemetry
 
 
 def _telemetry(sampler, budgets=None) -> Iterator[Telemetry]:
     telemetry = Telemetry(sampler=sampler)
+    COLD_START.reset(0)  # tests start warm; cold-start tests reset it themselves
     get_recorder().configure(telemetry.tracer_provider, telemetry.meter_provider, budgets or {})
     try:
         yield telemetry
