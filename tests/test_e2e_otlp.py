@@ -33,6 +33,8 @@ def test_sampled_spans_and_all_request_histograms_over_otlp(otlp_receiver):
         "OTEL_TRACES_SAMPLER_ARG": "0.3",
         "OTEL_BSP_SCHEDULE_DELAY": "200",
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        # One series per stage (no cold-start label) keeps the count check simple.
+        "OTEL_INFERENCE_COLD_START_REQUESTS": "0",
     }
     # Defaults from our distro: OTLP for traces and metrics, no exporter variables set.
     env.pop("OTEL_TRACES_EXPORTER", None)

@@ -71,7 +71,10 @@ def test_prometheus_quantiles_match_truth(prometheus_server, instrumented_app):
     selector = '{service="e2e"}'
 
     def scraped_everything():
-        result = prometheus_server.query(f"inference_stage_duration_seconds_count{selector}")
+        # Summed: the first requests carry inference_cold_start="true" (their own series).
+        result = prometheus_server.query(
+            f"sum by (inference_stage) (inference_stage_duration_seconds_count{selector})"
+        )
         counts = {r["metric"]["inference_stage"]: float(r["value"][1]) for r in result}
         return (
             counts if counts.get("tokenize") == 100 and counts.get("model_forward") == 100 else None
@@ -110,4 +113,4 @@ def test_prometheus_quantiles_match_truth(prometheus_server, instrumented_app):
     le_labels = prometheus_server.query(
         'inference_stage_duration_seconds_bucket{service="e2e",inference_stage="model_forward",le="0.014"}'
     )
-    assert len(le_labels) == 1
+    assert le_labels  # the budget is a bucket boundary of every series of the stage
