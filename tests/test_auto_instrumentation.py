@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from tests.instrumented import OPENTELEMETRY_INSTRUMENT
+
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
-BIN = Path(sys.executable).parent
-OPENTELEMETRY_INSTRUMENT = str(BIN / "opentelemetry-instrument")
 
 # Instrumentors whose library is torch: skipped when torch is missing.
 TORCH_INSTRUMENTORS = {"inference_torch"}

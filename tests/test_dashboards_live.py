@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +25,13 @@ import yaml
 
 from dashboards import alerts
 from dashboards.generate import DASHBOARD_JSON, GRAFANA_ALERTS, PROMETHEUS_RULES
+from tests import instrumented
+from tests.instrumented import prometheus_env
 from tests.servers import LOCALHOST, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
 APP = Path(__file__).resolve().parent / "apps" / "shipping_app.py"
-OPENTELEMETRY_INSTRUMENT = str(Path(sys.executable).parent / "opentelemetry-instrument")
 SERVICE = "shipping-app"  # the `job` label, as the Collector's exporter would set it
 BREACHING = "postprocess"
 BUDGETS = "postprocess=1ms,model_forward=14ms,request=1s"
@@ -72,25 +70,13 @@ def shipping(prometheus_server, redis_server, tmp_path_factory):
     rule_file.write_text(yaml.safe_dump(rules))
 
     port = free_port()
-    env = {
-        **os.environ,
-        "OTEL_SERVICE_NAME": SERVICE,
-        "OTEL_TRACES_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_METRICS_EXPORTER": "prometheus",
-        "OTEL_EXPORTER_PROMETHEUS_HOST": LOCALHOST,
-        "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
-        "OTEL_INFERENCE_BUDGETS": BUDGETS,
-        "SHIPPING_REDIS_URL": redis_server.url,
-    }
-    process = subprocess.Popen(
-        [OPENTELEMETRY_INSTRUMENT, sys.executable, str(APP)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    env = prometheus_env(
+        port,
+        OTEL_SERVICE_NAME=SERVICE,
+        OTEL_INFERENCE_BUDGETS=BUDGETS,
+        SHIPPING_REDIS_URL=redis_server.url,
     )
+    process = instrumented.start(APP, env)
     try:
         assert process.stdout.readline().strip() == "ready", process.stderr.read()
         prometheus_server.rule_files = [rule_file]

@@ -6,47 +6,35 @@ Traces are sampled; stage histograms cover 100% of requests.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests import instrumented
+from tests.instrumented import otlp_env
 from tests.otlp_receiver import attributes_of
 from tests.servers import wait_until
 
 pytestmark = pytest.mark.e2e
 
 APP = Path(__file__).resolve().parent / "apps" / "staged_app.py"
-OPENTELEMETRY_INSTRUMENT = str(Path(sys.executable).parent / "opentelemetry-instrument")
 
 
 def test_sampled_spans_and_all_request_histograms_over_otlp(otlp_receiver):
-    env = {
-        **os.environ,
-        "OTEL_SERVICE_NAME": "e2e-otlp-app",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-        "OTEL_TRACES_SAMPLER_ARG": "0.3",
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
-        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+    env = otlp_env(
+        otlp_receiver.endpoint,
+        OTEL_SERVICE_NAME="e2e-otlp-app",
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0.3",
+        OTEL_BSP_SCHEDULE_DELAY="200",
+        OTEL_METRIC_EXPORT_INTERVAL="500",
         # One series per stage (no cold-start label) keeps the count check simple.
-        "OTEL_INFERENCE_COLD_START_REQUESTS": "0",
-    }
+        OTEL_INFERENCE_COLD_START_REQUESTS="0",
+    )
     # Defaults from our distro: OTLP for traces and metrics, no exporter variables set.
     env.pop("OTEL_TRACES_EXPORTER", None)
     env.pop("OTEL_METRICS_EXPORTER", None)
-    process = subprocess.Popen(
-        [OPENTELEMETRY_INSTRUMENT, sys.executable, str(APP)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process = instrumented.start(APP, env)
     json.loads(process.stdout.readline())
     process.stdin.close()  # the app exits; the SDK flushes on shutdown
     assert process.wait(timeout=60) == 0, process.stderr.read()

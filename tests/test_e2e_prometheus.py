@@ -8,20 +8,18 @@ breach (every budget is a bucket boundary).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from otel_inference.metrics import duration_boundaries
+from tests import instrumented
+from tests.instrumented import prometheus_env
 from tests.servers import LOCALHOST, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
 APP = Path(__file__).resolve().parent / "apps" / "staged_app.py"
-OPENTELEMETRY_INSTRUMENT = str(Path(sys.executable).parent / "opentelemetry-instrument")
 BUDGET = 0.014
 
 
@@ -37,24 +35,12 @@ def true_quantile(values: list[float], q: float) -> float:
 @pytest.fixture
 def instrumented_app(prometheus_server):
     port = free_port()
-    env = {
-        **os.environ,
-        "OTEL_SERVICE_NAME": "e2e-staged-app",
-        "OTEL_TRACES_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_METRICS_EXPORTER": "prometheus",
-        "OTEL_EXPORTER_PROMETHEUS_HOST": LOCALHOST,
-        "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
-        "OTEL_INFERENCE_BUDGETS": f"model_forward={BUDGET * 1000:g}ms",
-    }
-    process = subprocess.Popen(
-        [OPENTELEMETRY_INSTRUMENT, sys.executable, str(APP)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    env = prometheus_env(
+        port,
+        OTEL_SERVICE_NAME="e2e-staged-app",
+        OTEL_INFERENCE_BUDGETS=f"model_forward={BUDGET * 1000:g}ms",
     )
+    process = instrumented.start(APP, env)
     try:
         observed = json.loads(process.stdout.readline())
         prometheus_server.set_targets([f"{LOCALHOST}:{port}"], {"service": "e2e"})

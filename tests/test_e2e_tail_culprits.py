@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.instrumented import OPENTELEMETRY_INSTRUMENT, otlp_env
 from tests.otlp_receiver import attributes_of
 from tests.servers import wait_until
 
 pytestmark = pytest.mark.e2e
 
 APP = Path(__file__).resolve().parent / "apps" / "tail_culprits_app.py"
-OPENTELEMETRY_INSTRUMENT = str(Path(sys.executable).parent / "opentelemetry-instrument")
 
 
 def test_tail_culprits_under_opentelemetry_instrument(otlp_receiver):
-    env = {
-        **os.environ,
-        "OTEL_SERVICE_NAME": "e2e-tail-culprits",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_METRICS_EXPORTER": "otlp",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_INFERENCE_COLD_START_REQUESTS": "2",
-    }
+    env = otlp_env(
+        otlp_receiver.endpoint,
+        OTEL_SERVICE_NAME="e2e-tail-culprits",
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_INFERENCE_COLD_START_REQUESTS="2",
+    )
     completed = subprocess.run(
         [OPENTELEMETRY_INSTRUMENT, sys.executable, str(APP)],
         capture_output=True,
