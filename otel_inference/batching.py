@@ -354,11 +354,14 @@ class ThreadBatcher(_BatcherBase, Generic[I, O]):
         pending = self._pending
         while True:
             with cond:
+                idle_since_ns = perf_counter_ns()
                 while not pending and not self._closed:
                     cond.wait()
                 if not pending:
                     return  # closed and drained
-                formation_start_ns = perf_counter_ns()
+                # The batch opened when its first member arrived, or when the worker
+                # became free if that was later; not when this thread got to run.
+                formation_start_ns = max(pending[0].submit_ns, idle_since_ns)
                 if self._max_wait_ns and not self._closed:
                     deadline = pending[0].submit_ns + self._max_wait_ns
                     while len(pending) < self.max_batch_size and not self._closed:
@@ -505,11 +508,13 @@ class AsyncBatcher(_BatcherBase, Generic[I, O]):
         pending = self._pending
         try:
             while True:
+                idle_since_ns = perf_counter_ns()
                 while not pending:
                     if self._closed:
                         return
                     await self._wait(None)
-                formation_start_ns = perf_counter_ns()
+                # As in ThreadBatcher: the first arrival or the worker's free time.
+                formation_start_ns = max(pending[0].submit_ns, idle_since_ns)
                 if self._max_wait_ns and not self._closed:
                     deadline = pending[0].submit_ns + self._max_wait_ns
                     while pending and len(pending) < self.max_batch_size and not self._closed:
