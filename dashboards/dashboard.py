@@ -16,8 +16,11 @@ from dashboards.alerts import PROMETHEUS_DATASOURCE_UID
 UID = "otel-inference-stages"
 TITLE = "Inference stages"
 RATE = "$__rate_interval"
-SVC = f'{promql.SERVICE}=~"$service"'
+# Every panel query carries the service and the cold-start filter: series without the
+# label (batch size, budgets...) match `!~"true"` too.
+SVC = f'{promql.SERVICE}=~"$service", {promql.COLD_START}!~"$cold_start"'
 STG = f'{promql.STAGE}=~"$stage"'
+NO_LABEL_VALUE = "__none__"  # matches no value: `!~` it excludes nothing
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 DEFAULT_COST_PER_HOUR = "2.50"
 
@@ -411,6 +414,19 @@ def _templating() -> list[dict[str, Any]]:
             "Stage",
             f'label_values({promql.DURATION}_count{{{promql.SERVICE}=~"$service"}}, {promql.STAGE})',
         ),
+        {
+            # Cold requests (first after start, warm-up) carry inference_cold_start="true":
+            # steady-state percentiles exclude them by default.
+            "name": "cold_start",
+            "label": "Requests",
+            "type": "custom",
+            "query": f"Steady state : true,All (incl. cold start) : {NO_LABEL_VALUE}",
+            "options": [
+                {"text": "Steady state", "value": "true", "selected": True},
+                {"text": "All (incl. cold start)", "value": NO_LABEL_VALUE, "selected": False},
+            ],
+            "current": {"text": "Steady state", "value": "true"},
+        },
         {
             "name": "cost_per_hour",
             "label": "$ / replica-hour",

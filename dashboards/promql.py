@@ -39,6 +39,7 @@ SERIALIZE_SIZE = metric(semconv.SERIALIZE_SIZE, "bytes")  # histogram
 STAGE = label(semconv.INFERENCE_STAGE)
 PARENT = label(semconv.INFERENCE_STAGE_PARENT)
 ERROR_TYPE = label(semconv.ERROR_TYPE)
+COLD_START = label(semconv.INFERENCE_COLD_START)
 CACHE_RESULT = label(semconv.CACHE_RESULT)
 TOKEN_KIND = label(semconv.INFERENCE_TOKEN_KIND)
 # The torch instrumentor's direction attribute (h2d | d2h); no semconv constant yet.

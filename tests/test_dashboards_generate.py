@@ -42,13 +42,13 @@ def _board():
 def test_variables_are_defined_and_used():
     board = _board()
     defined = {v["name"] for v in board["templating"]["list"]}
-    assert defined == {"datasource", "service", "stage", "cost_per_hour"}
+    assert defined == {"datasource", "service", "stage", "cold_start", "cost_per_hour"}
     used: set[str] = set()
     for panel in board["panels"]:
         for target in panel.get("targets", []):
             used |= set(re.findall(r"\$\{?(\w+)", target["expr"]))
             assert 'job=~"$service"' in target["expr"], (panel["title"], target["expr"])
-    assert used - {"__rate_interval"} == {"service", "stage", "cost_per_hour"}
+    assert used - {"__rate_interval"} == {"service", "stage", "cold_start", "cost_per_hour"}
 
 
 def test_panels_use_the_provisioned_prometheus():
