@@ -32,19 +32,17 @@ from otel_inference.budgets import budgets_from_env
 from otel_inference.config import (
     ConfigurationError,
     exception_messages_enabled,
-    parse_bool,
     root_stage_policy,
 )
-from otel_inference.environment_variables import (
-    OTEL_INFERENCE_DOWNSTREAM,
-    OTEL_INFERENCE_GC_FREEZE,
-)
-from otel_inference.runtime import cold_start_requests, gc_event_threshold
 from otel_inference.stages import log_once
 
 
 def validate_environment() -> list[str]:
-    """Check every ``OTEL_INFERENCE_*`` variable; log each problem at ERROR once.
+    """Check the core ``OTEL_INFERENCE_*`` variables; log each problem at ERROR once.
+
+    Each instrumentor checks its own variables when it loads (and a bad one
+    disables only that instrumentor, logged once), the downstream hook its own:
+    one message per bad variable, from the component it disables.
 
     Returns the messages (empty when all is well). Never raises: under
     ``opentelemetry-instrument`` the application must still start.
@@ -54,17 +52,19 @@ def validate_environment() -> list[str]:
         ("budgets-env", budgets_from_env),
         ("root-stages-env", root_stage_policy),
         ("exception-messages-env", exception_messages_enabled),
-        ("cold-start-env", cold_start_requests),
-        ("gc-event-threshold-env", gc_event_threshold),
-        ("gc-freeze-env", lambda: parse_bool(OTEL_INFERENCE_GC_FREEZE)),
-        ("downstream-env", lambda: parse_bool(OTEL_INFERENCE_DOWNSTREAM, default=True)),
     )
     for key, check in checks:
         try:
             check()
         except ConfigurationError as exc:
             problems.append(str(exc))
-            log_once(key, "otel-inference: %s; continuing without it", exc, level=logging.ERROR)
+            log_once(
+                key,
+                "otel-inference: %s; continuing without it",
+                exc,
+                level=logging.ERROR,
+                exc_info=False,
+            )
     return problems
 
 

@@ -89,12 +89,23 @@ T = TypeVar("T")
 _logged_once: set[str] = set()
 
 
-def log_once(key: str, message: str, *args: object, level: int = logging.WARNING) -> None:
-    """Log an instrumentation problem once per process: never flood, never raise."""
+def log_once(
+    key: str,
+    message: str,
+    *args: object,
+    level: int = logging.WARNING,
+    exc_info: bool | None = None,
+) -> None:
+    """Log an instrumentation problem once per process: never flood, never raise.
+
+    ERROR logs carry the traceback (a bug of ours) unless ``exc_info=False``
+    (a configuration problem: the message says it all)."""
     if key in _logged_once:
         return
     _logged_once.add(key)
-    _logger.log(level, message, *args, exc_info=level >= logging.ERROR)
+    _logger.log(
+        level, message, *args, exc_info=level >= logging.ERROR if exc_info is None else exc_info
+    )
 
 
 class RequestAccount:
@@ -347,6 +358,7 @@ class StageRecorder:
                         "otel-inference: %s; continuing WITHOUT latency budgets",
                         exc,
                         level=logging.ERROR,
+                        exc_info=False,
                     )
                     budgets = NO_BUDGETS
             policy = self._root_stages
@@ -359,6 +371,7 @@ class StageRecorder:
                         "otel-inference: %s; using 'span'",
                         exc,
                         level=logging.ERROR,
+                        exc_info=False,
                     )
                     policy = "span"
             tracer = trace.get_tracer(
@@ -376,6 +389,7 @@ class StageRecorder:
                     "otel-inference: %s; exception messages stay off",
                     exc,
                     level=logging.ERROR,
+                    exc_info=False,
                 )
                 exception_messages = False
             self._binding = _Binding(
