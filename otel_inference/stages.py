@@ -747,9 +747,18 @@ class StageScope(_Scope):
             log_once("stage-exit", "otel-inference: failed to close stage", level=logging.ERROR)
 
     def record(
-        self, duration_ns: int, exc: BaseException | None = None, **span_attributes: Any
+        self,
+        duration_ns: int,
+        exc: BaseException | None = None,
+        *,
+        end_time_ns: int | None = None,
+        **span_attributes: Any,
     ) -> None:
-        """Record the histogram, budget check and span end for ``duration_ns``."""
+        """Record the histogram, budget check and span end for ``duration_ns``.
+
+        ``end_time_ns`` (wall clock, ``time_ns``) ends the span there instead of at
+        its start plus ``duration_ns``: a device-timed stage whose span should end
+        at the device's true end while the histogram gets the device duration."""
         binding = self._binding
         if binding is None:
             return
@@ -770,7 +779,11 @@ class StageScope(_Scope):
                         span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
                     if exc is not None:
                         _mark_error(span, exc, binding.exception_messages)
-                span.end(end_time=self._start_wall_ns + duration_ns)
+                span.end(
+                    end_time=self._start_wall_ns + duration_ns
+                    if end_time_ns is None
+                    else end_time_ns
+                )
             binding.duration.record(seconds, attributes, context=self._metric_context)
             if exceeded:
                 binding.breaches.add(1, attributes, context=self._metric_context)

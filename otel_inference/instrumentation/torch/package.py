@@ -1,0 +1,1 @@
+_instruments = ("torch >= 2.1, < 3",)
