@@ -500,12 +500,8 @@ class StageRecorder:
                     start_time=start_wall_ns,
                 )
                 if new_span.is_recording():
-                    if budget is not None:
-                        new_span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
-                    if exc is not None:
-                        _mark_error(new_span, exc, binding.exception_messages)
                     span_context = new_span.get_span_context()
-                new_span.end(end_time=start_wall_ns + duration_ns)
+                _finish_span(new_span, binding, start_wall_ns + duration_ns, exc, budget, exceeded)
             binding.duration.record(seconds, metric_attributes)
             if exceeded:
                 binding.breaches.add(1, metric_attributes)
@@ -772,18 +768,8 @@ class StageScope(_Scope):
             exceeded = budget is not None and seconds > budget
             span = self._span
             if span is not None:
-                if span.is_recording():
-                    if span_attributes:
-                        span.set_attributes(span_attributes)
-                    if budget is not None:
-                        span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
-                    if exc is not None:
-                        _mark_error(span, exc, binding.exception_messages)
-                span.end(
-                    end_time=self._start_wall_ns + duration_ns
-                    if end_time_ns is None
-                    else end_time_ns
-                )
+                end_time = self._start_wall_ns + duration_ns if end_time_ns is None else end_time_ns
+                _finish_span(span, binding, end_time, exc, budget, exceeded, span_attributes)
             binding.duration.record(seconds, attributes, context=self._metric_context)
             if exceeded:
                 binding.breaches.add(1, attributes, context=self._metric_context)
@@ -793,6 +779,27 @@ class StageScope(_Scope):
                 _drain_gc_pauses(binding)
         except Exception:
             log_once("stage-record", "otel-inference: failed to record stage", level=logging.ERROR)
+
+
+def _finish_span(
+    span: Span,
+    binding: _Binding,
+    end_time_ns: int,
+    exc: BaseException | None,
+    budget: float | None,
+    exceeded: bool,
+    attributes: Mapping[str, Any] | None = None,
+) -> None:
+    """End any stage span: extra attributes, the budget verdict (only where a budget
+    exists), the error, and the end time the monotonic duration implies."""
+    if span.is_recording():
+        if attributes:
+            span.set_attributes(attributes)
+        if budget is not None:
+            span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
+        if exc is not None:
+            _mark_error(span, exc, binding.exception_messages)
+    span.end(end_time=end_time_ns)
 
 
 def _mark_error(span: Span, exc: BaseException, with_message: bool) -> None:
@@ -907,11 +914,9 @@ class RequestScope(_Scope):
                     span.set_attribute(semconv.INFERENCE_UNATTRIBUTED, unattributed_ns / 1e9)
                     if account.gc_pause_count:
                         _add_gc_pauses(span, account)
-                    if budget is not None:
-                        span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
-                    if exc is not None:
-                        _mark_error(span, exc, binding.exception_messages)
-                span.end(end_time=self._start_wall_ns + duration_ns)
+                _finish_span(
+                    span, binding, self._start_wall_ns + duration_ns, exc, budget, exceeded
+                )
                 otel_context.detach(self._context_token)
             binding.duration.record(duration_ns / 1e9, request_attributes)
             if exceeded:
@@ -1127,14 +1132,15 @@ class BatchStageScope:
             exceeded = budget is not None and seconds > budget
             span = self._span
             if span is not None:
-                if span.is_recording():
-                    if span_attributes:
-                        span.set_attributes(span_attributes)
-                    if budget is not None:
-                        span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
-                    if exc is not None:
-                        _mark_error(span, exc, binding.exception_messages)
-                span.end(end_time=self._start_wall_ns + duration_ns)
+                _finish_span(
+                    span,
+                    binding,
+                    self._start_wall_ns + duration_ns,
+                    exc,
+                    budget,
+                    exceeded,
+                    span_attributes,
+                )
             members = self._members
             if not members:
                 return
