@@ -81,6 +81,10 @@ _logger = logging.getLogger(__name__)
 
 INSTRUMENTATION_SCOPE = "otel_inference"
 _MAX_CACHED_ATTRIBUTE_SETS = 1024
+# Distinct stage names that get their own metric series; later ones share
+# OTHER_STAGE (spans keep the real name). Guards against stage(f"user_{id}").
+MAX_STAGE_NAMES = 200
+OTHER_STAGE = "_other"
 _MAX_REQUEST_INTERVALS = 4096
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -250,6 +254,7 @@ class _Binding:
 
     __slots__ = (
         "_attribute_sets",
+        "_stage_names",
         "breaches",
         "budgets",
         "duration",
@@ -278,6 +283,7 @@ class _Binding:
         self.budgets = budgets
         self.root_spans = root_spans
         self._attribute_sets: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
+        self._stage_names: set[str] = set()
 
     def metric_attributes(
         self, name: str, parent: str | None, cold: bool = False
@@ -285,14 +291,32 @@ class _Binding:
         key = (name, parent, cold)
         attributes = self._attribute_sets.get(key)
         if attributes is None:
-            attributes = {semconv.INFERENCE_STAGE: name}
+            attributes = {semconv.INFERENCE_STAGE: self._bounded(name)}
             if parent is not None:
-                attributes[semconv.INFERENCE_STAGE_PARENT] = parent
+                attributes[semconv.INFERENCE_STAGE_PARENT] = self._bounded(parent)
             if cold:
                 attributes[semconv.INFERENCE_COLD_START] = True
             if len(self._attribute_sets) < _MAX_CACHED_ATTRIBUTE_SETS:
                 self._attribute_sets[key] = attributes
         return attributes
+
+    def _bounded(self, name: str) -> str:
+        names = self._stage_names
+        if name in names:
+            return name
+        if len(names) < MAX_STAGE_NAMES:
+            names.add(name)
+            return name
+        log_once(
+            "stage-names",
+            "otel-inference: more than %d distinct stage names (e.g. %r): later ones are "
+            "labelled %r in metrics (spans keep the name); a stage name should not hold "
+            "per-request values",
+            MAX_STAGE_NAMES,
+            name,
+            OTHER_STAGE,
+        )
+        return OTHER_STAGE
 
 
 class StageRecorder:

@@ -405,3 +405,25 @@ def test_histogram_exemplar_points_at_the_stage_span(telemetry):
     (exemplar,) = point.exemplars
     assert exemplar.span_id == span.context.span_id
     assert exemplar.trace_id == span.context.trace_id
+
+
+def test_stage_names_in_metrics_are_bounded(telemetry, caplog):
+    from otel_inference.stages import MAX_STAGE_NAMES, OTHER_STAGE
+
+    for index in range(MAX_STAGE_NAMES + 50):
+        with stage(f"user_{index}"):  # a per-request value where a stage name belongs
+            pass
+    labels = {
+        p.attributes["inference.stage"] for p in telemetry.metric_points("inference.stage.duration")
+    }
+    assert len(labels) == MAX_STAGE_NAMES + 1
+    assert OTHER_STAGE in labels
+    other = next(
+        p
+        for p in telemetry.metric_points("inference.stage.duration")
+        if p.attributes["inference.stage"] == OTHER_STAGE
+    )
+    assert other.count == 50
+    # Spans keep the real name: they are sampled, and a trace is read one at a time.
+    assert telemetry.spans(f"user_{MAX_STAGE_NAMES + 49}")
+    assert sum("distinct stage names" in r.getMessage() for r in caplog.records) == 1
