@@ -826,6 +826,16 @@ def _finish_span(
     span.end(end_time=end_time_ns)
 
 
+def _frames(exc: BaseException) -> str:
+    """The traceback's frames (file, line, function) without their source lines:
+    formatting those would read every source file into linecache, on the
+    request's error path."""
+    return "".join(
+        f'  File "{frame.f_code.co_filename}", line {lineno}, in {frame.f_code.co_name}\n'
+        for frame, lineno in traceback.walk_tb(exc.__traceback__)
+    )
+
+
 def _mark_error(span: Span, exc: BaseException, with_message: bool) -> None:
     error_type = _error_type(exc)
     span.set_attribute(semconv.ERROR_TYPE, error_type)
@@ -839,7 +849,7 @@ def _mark_error(span: Span, exc: BaseException, with_message: bool) -> None:
         "exception",
         {
             EXCEPTION_TYPE: error_type,
-            EXCEPTION_STACKTRACE: "".join(traceback.format_tb(exc.__traceback__)),
+            EXCEPTION_STACKTRACE: _frames(exc),
         },
     )
     span.set_status(Status(StatusCode.ERROR, error_type))
