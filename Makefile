@@ -26,8 +26,13 @@ bench:  ## same-run A/B benchmarks; rewrites benchmarks/results.md
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 
-.PHONY: demo
-demo:  ## the quickstart under opentelemetry-instrument, console exporters
+.PHONY: demo quickstart
+demo: install  ## the embedding service under opentelemetry-instrument: Redis, load, then the report
+	# one resolve with the package (the span-file exporter pins the OTLP packages), torch pin repeated
+	$(PIP) install -q -e ".[test,prometheus,examples]" "torch==2.13.0"
+	$(PYTHON) -m examples.run_demo
+
+quickstart:  ## the quickstart under opentelemetry-instrument, console exporters
 	OTEL_SERVICE_NAME=quickstart OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.25 \
 	$(dir $(PYTHON))opentelemetry-instrument --traces_exporter console --metrics_exporter console \
 	  --metric_export_interval 2000 --inference_budgets "model_forward=15ms,request=30ms" \

@@ -10,6 +10,11 @@ scrape endpoint instead (extra ``otel-inference[prometheus]``).
 Our variables are validated here, at startup: a malformed budget is logged at
 ERROR naming the bad entry and the application starts without budgets.
 
+``OTEL_INFERENCE_SPANS_FILE=path`` also writes every span to a local file in
+OTLP JSON Lines (``FileSpanExporter`` of ``opentelemetry-exporter-otlp-json-file``),
+the input of ``otel-inference report --spans``: the contrib exporter's own entry
+point (``OTEL_TRACES_EXPORTER=otlp_json_file``) can only write to stdout.
+
 If another distro (e.g. ``opentelemetry-distro``) is installed too, select ours
 with ``OTEL_PYTHON_DISTRO=otel_inference`` and
 ``OTEL_PYTHON_CONFIGURATOR=otel_inference``.
@@ -17,16 +22,20 @@ with ``OTEL_PYTHON_DISTRO=otel_inference`` and
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.environment_variables import (
     OTEL_METRICS_EXPORTER,
     OTEL_TRACES_EXPORTER,
 )
 from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from otel_inference.budgets import budgets_from_env
 from otel_inference.config import (
@@ -34,7 +43,70 @@ from otel_inference.config import (
     exception_messages_enabled,
     root_stage_policy,
 )
+from otel_inference.environment_variables import (
+    OTEL_INFERENCE_SPANS_FILE,
+)
 from otel_inference.stages import log_once
+
+_SPANS_FILE_EXPORTER = "opentelemetry.exporter.otlp.json.file"
+
+
+def spans_file() -> Path | None:
+    """The path of ``OTEL_INFERENCE_SPANS_FILE``, checked; ``None`` when unset or blank.
+
+    Raises :class:`ConfigurationError` for a directory, a missing parent directory,
+    a path this process cannot write, or a missing ``opentelemetry-exporter-otlp-json-file``.
+    """
+    raw = os.environ.get(OTEL_INFERENCE_SPANS_FILE, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    problem = None
+    if path.is_dir():
+        problem = "is a directory, not a file"
+    elif not path.parent.is_dir():
+        problem = f"names a directory that does not exist ({path.parent})"
+    elif not os.access(path if path.exists() else path.parent, os.W_OK):
+        problem = "is not writable"
+    else:
+        try:
+            found = importlib.util.find_spec(_SPANS_FILE_EXPORTER) is not None
+        except ImportError:
+            found = False
+        if not found:
+            problem = "needs the package opentelemetry-exporter-otlp-json-file (pip install it)"
+    if problem is not None:
+        raise ConfigurationError(f"{OTEL_INFERENCE_SPANS_FILE}={raw!r} {problem}")
+    return path
+
+
+def add_spans_file_processor(tracer_provider: Any = None) -> Path | None:
+    """Add ``BatchSpanProcessor(FileSpanExporter(path))`` for ``OTEL_INFERENCE_SPANS_FILE``
+    to ``tracer_provider`` (default: the global one). Returns the path, or ``None`` when
+    unset or unusable (logged at ERROR once). Never raises."""
+    try:
+        path = spans_file()
+        if path is None:
+            return None
+        provider = trace.get_tracer_provider() if tracer_provider is None else tracer_provider
+        if not hasattr(provider, "add_span_processor"):
+            raise ConfigurationError(
+                f"{OTEL_INFERENCE_SPANS_FILE} needs the SDK's tracer provider, not "
+                f"{type(provider).__name__}"
+            )
+        from opentelemetry.exporter.otlp.json.file import FileSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(FileSpanExporter(path)))
+    except (ConfigurationError, OSError, ImportError) as exc:
+        log_once(
+            "spans-file-env",
+            "otel-inference: %s; continuing without it",
+            exc,
+            level=logging.ERROR,
+            exc_info=False,  # a configuration problem: the message says it all
+        )
+        return None
+    return path
 
 
 def validate_environment() -> list[str]:
@@ -52,6 +124,7 @@ def validate_environment() -> list[str]:
         ("budgets-env", budgets_from_env),
         ("root-stages-env", root_stage_policy),
         ("exception-messages-env", exception_messages_enabled),
+        ("spans-file-env", spans_file),
     )
     for key, check in checks:
         try:
@@ -78,4 +151,9 @@ class OtelInferenceDistro(BaseDistro):
 
 
 class OtelInferenceConfigurator(_OTelSDKConfigurator):
-    """The SDK's own configurator: providers and exporters from ``OTEL_*`` variables."""
+    """The SDK's own configurator: providers and exporters from ``OTEL_*`` variables,
+    plus the span file of ``OTEL_INFERENCE_SPANS_FILE``."""
+
+    def _configure(self, **kwargs: Any) -> None:
+        super()._configure(**kwargs)
+        add_spans_file_processor()

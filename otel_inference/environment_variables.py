@@ -79,3 +79,19 @@ instrumentations (requests, httpx, aiohttp-client, urllib, urllib3, grpc) made
 inside a request also record a ``downstream`` stage. ``false`` leaves their
 tracers untouched.
 """
+
+OTEL_INFERENCE_SPANS_FILE = "OTEL_INFERENCE_SPANS_FILE"
+"""
+.. envvar:: OTEL_INFERENCE_SPANS_FILE
+
+Path of a local file that also receives every finished span, one OTLP JSON
+object per line (JSON Lines, exactly as ``FileSpanExporter`` of the package
+``opentelemetry-exporter-otlp-json-file`` writes them; the file is appended to,
+never truncated). Under ``opentelemetry-instrument`` our configurator adds a
+``BatchSpanProcessor(FileSpanExporter(path))`` to the tracer provider it set up,
+next to the exporters of ``OTEL_TRACES_EXPORTER`` (``none`` leaves the file as
+the only destination). ``otel-inference report --spans`` reads this file and
+defaults to this variable. Unset (default): no file. A directory, a missing
+parent directory, an unwritable path or a missing exporter package is logged
+at ERROR at startup and the application starts without the file.
+"""
