@@ -1,0 +1,434 @@
+"""From spans to a :class:`~otel_inference.report.Report`: requests, stages, tail, cost.
+
+Usage::
+
+    from otel_inference.report import build_report, load_spans_file
+
+    report = build_report(
+        load_spans_file("spans.jsonl"),
+        budgets={"tokenize": 0.005},
+        cost_per_hour=2.5,
+    )
+    print(report.verdict.text)
+
+How spans are read (see ``docs/report.md`` for the whole story):
+
+* **Stages** are spans carrying ``inference.stage``. **Requests** are our
+  ``request()`` spans (they carry ``inference.unattributed.duration``) and SERVER
+  spans with a stage below them (in the same service); when candidates nest, the
+  outermost is the request, so nothing is counted twice.
+* A stage belongs to the request it sits under. A **batch span** (a stage span
+  linked to its members' spans, ``otel_inference.batching``) also belongs to every
+  member request it links to, and to every request whose span carrying
+  ``inference.batch.share`` links to it: each member experienced the whole batch,
+  and is charged ``1 / inference.batch.size`` of it (the number of links when the
+  size is absent).
+* A stage is **top level** in its request when no other stage encloses it (and it
+  carries no ``inference.stage.parent``); only top-level stages take a share of
+  the request's time, so nested time is never counted twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from otel_inference import semconv
+from otel_inference.report._model import (
+    Report,
+    ReportError,
+    SpanKey,
+    SpanRecord,
+    StageRow,
+)
+from otel_inference.report._stats import (
+    PERCENTILE_METHOD,
+    clip,
+    nearest_rank,
+    union_length,
+)
+from otel_inference.report.verdict import decide
+
+ORDER = (
+    semconv.PARSE,
+    semconv.QUEUE_WAIT,
+    semconv.FEATURE_HYDRATION,
+    semconv.PREPROCESS,
+    semconv.TOKENIZE,
+    semconv.H2D_TRANSFER,
+    semconv.MODEL_FORWARD,
+    semconv.D2H_TRANSFER,
+    semconv.POSTPROCESS,
+    semconv.SERIALIZE,
+    "downstream",
+)
+"""Serving-path order of the rows; custom stages follow, by name."""
+
+_SECONDS_PER_HOUR = 3600
+
+
+def _stage_of(span: SpanRecord) -> str | None:
+    value = span.attributes.get(semconv.INFERENCE_STAGE)
+    return value if isinstance(value, str) and value else None
+
+
+def _declared_parent(span: SpanRecord) -> str | None:
+    value = span.attributes.get(semconv.INFERENCE_STAGE_PARENT)
+    return value if isinstance(value, str) and value else None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One stage span as seen by one request."""
+
+    request: SpanKey
+    span: SpanRecord
+    stage: str
+    parent: str | None  # enclosing stage, None at top level
+    weight: float  # the request's share of the span's work (1 / batch size when shared)
+
+
+class _Index:
+    """Spans by key, their children, their owning request."""
+
+    def __init__(self, spans: Iterable[SpanRecord]) -> None:
+        self.spans: dict[SpanKey, SpanRecord] = {}
+        for span in spans:
+            self.spans[span.key] = span
+        self.requests: dict[SpanKey, SpanRecord] = {}
+        self._owner: dict[SpanKey, SpanKey | None] = {}
+
+    def parent(self, span: SpanRecord) -> SpanRecord | None:
+        """The parent span when it is in the input and in the same service."""
+        key = span.parent_key
+        parent = None if key is None else self.spans.get(key)
+        if parent is None or parent.service != span.service:
+            return None
+        return parent
+
+    def ancestors(self, span: SpanRecord) -> Iterable[SpanRecord]:
+        seen = {span.key}
+        parent = self.parent(span)
+        while parent is not None and parent.key not in seen:
+            seen.add(parent.key)
+            yield parent
+            parent = self.parent(parent)
+
+    def find_requests(self) -> None:
+        candidates = {
+            key
+            for key, span in self.spans.items()
+            if semconv.INFERENCE_UNATTRIBUTED in span.attributes and _stage_of(span) is None
+        }
+        for span in self.spans.values():
+            if _stage_of(span) is None:
+                continue
+            for ancestor in self.ancestors(span):
+                if ancestor.kind == "server" and _stage_of(ancestor) is None:
+                    candidates.add(ancestor.key)
+        for key in candidates:
+            span = self.spans[key]
+            if not any(a.key in candidates for a in self.ancestors(span)):
+                self.requests[key] = span
+
+    def owner(self, span: SpanRecord) -> SpanKey | None:
+        """The request ``span`` belongs to (itself if it is one), or ``None``."""
+        if span.key in self._owner:
+            return self._owner[span.key]
+        found: SpanKey | None = None
+        path = [span]
+        if span.key not in self.requests:
+            for ancestor in self.ancestors(span):
+                if ancestor.key in self._owner:
+                    found = self._owner[ancestor.key]
+                    break
+                if ancestor.key in self.requests:
+                    found = ancestor.key
+                    break
+                path.append(ancestor)
+        else:
+            found = span.key
+        for visited in path:
+            self._owner[visited.key] = found
+        return found
+
+    def enclosing_stage(self, span: SpanRecord, request: SpanKey, *, inclusive: bool) -> str | None:
+        """The nearest stage on the way from ``span`` (itself if ``inclusive``) up
+        to ``request``, as declared by ``inference.stage.parent`` or found."""
+        if inclusive and _stage_of(span) is not None:
+            return _stage_of(span)
+        declared = _declared_parent(span)
+        if declared is not None:
+            return declared
+        for ancestor in self.ancestors(span):
+            if ancestor.key == request:
+                return None
+            stage = _stage_of(ancestor)
+            if stage is not None:
+                return stage
+        return None
+
+
+def _batch_size(span: SpanRecord) -> int | None:
+    """Members sharing ``span``: a stage span linked to its members (not a member's
+    own span, which carries ``inference.batch.share``); ``None`` when not shared."""
+    if not span.links or semconv.INFERENCE_BATCH_SHARE in span.attributes:
+        return None
+    size = span.attributes.get(semconv.INFERENCE_BATCH_SIZE)
+    if isinstance(size, (int, float)) and not isinstance(size, bool) and size >= 1:
+        return int(size)
+    return len(span.links)
+
+
+def _member_share(span: SpanRecord) -> float | None:
+    """``inference.batch.share`` of a member's span that links to its batch."""
+    share = span.attributes.get(semconv.INFERENCE_BATCH_SHARE)
+    if not span.links or isinstance(share, bool) or not isinstance(share, (int, float)):
+        return None
+    return float(share) if 0 < share <= 1 else None
+
+
+def observations(index: _Index) -> list[Observation]:
+    """Every (request, stage span) pair, batch spans once per member request."""
+    # A request's share of each shared span: 1 / size from the batch span's own
+    # links, else the share its members' spans declare when they link to it.
+    weights: dict[SpanKey, float] = {}
+    for span in index.spans.values():
+        share = _member_share(span)
+        for link in span.links if share is not None else ():
+            weights.setdefault(link, share)  # type: ignore[arg-type]
+    for span in index.spans.values():
+        size = _batch_size(span) if _stage_of(span) is not None else None
+        if size is not None:
+            weights[span.key] = 1.0 / size
+
+    found: dict[tuple[SpanKey, SpanKey], Observation] = {}
+
+    def add(request: SpanKey, span: SpanRecord, parent: str | None) -> None:
+        stage = _stage_of(span)
+        if stage is not None and (request, span.key) not in found:
+            weight = weights.get(span.key, 1.0)
+            found[(request, span.key)] = Observation(request, span, stage, parent, weight)
+
+    for span in index.spans.values():
+        if _stage_of(span) is not None:
+            request = index.owner(span)
+            if request is not None and request != span.key:
+                add(request, span, index.enclosing_stage(span, request, inclusive=False))
+            if _batch_size(span) is not None:
+                for link in span.links:  # a batch span: its members
+                    member = index.spans.get(link)
+                    request = None if member is None else index.owner(member)
+                    if member is not None and request is not None:
+                        add(request, span, index.enclosing_stage(member, request, inclusive=True))
+        if _member_share(span) is not None:
+            request = index.owner(span)  # a member's span, linked to its batch
+            for link in span.links:
+                batch = index.spans.get(link)
+                if request is not None and batch is not None:
+                    add(request, batch, index.enclosing_stage(span, request, inclusive=False))
+    return list(found.values())
+
+
+def order_key(stage: str) -> tuple[int, str]:
+    return (ORDER.index(stage), "") if stage in ORDER else (len(ORDER), stage)
+
+
+def _row(
+    stage: str,
+    kind: str,
+    values_ns: list[int],
+    *,
+    parent: str | None = None,
+    budgets: Mapping[str, float],
+) -> StageRow:
+    row = StageRow(
+        stage=stage,
+        kind=kind,
+        parent=parent,
+        count=len(values_ns),
+        p50=nearest_rank(values_ns, 0.50) / 1e9 if values_ns else None,
+        p95=nearest_rank(values_ns, 0.95) / 1e9 if values_ns else None,
+        p99=nearest_rank(values_ns, 0.99) / 1e9 if values_ns else None,
+        mean=sum(values_ns) / len(values_ns) / 1e9 if values_ns else None,
+    )
+    row.budget = budgets.get(stage)
+    if row.budget is not None and row.p95 is not None:
+        row.status = "over" if row.p95 > row.budget else "ok"
+    return row
+
+
+def _is_true(value: object) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def build_report(
+    spans: Iterable[SpanRecord],
+    *,
+    budgets: Mapping[str, float] | None = None,
+    cost_per_hour: float | None = None,
+    exclude_cold_start: bool = False,
+    source: str = "spans",
+) -> Report:
+    """The per-stage report of ``spans`` (see the module docstring for the rules).
+
+    ``budgets``: stage -> seconds. ``cost_per_hour``: dollars per hour of the
+    serving machine; a request's cost in a stage is its time there (its share,
+    for batch-shared work) x ``cost_per_hour`` / 3600. Raises
+    :class:`ReportError` when no span is a stage, or no request holds one.
+    """
+    budgets = budgets or {}
+    index = _Index(spans)
+    stage_spans = [span for span in index.spans.values() if _stage_of(span) is not None]
+    if not stage_spans:
+        services = sorted({span.service or "?" for span in index.spans.values()})
+        raise ReportError(
+            f"none of the {len(index.spans)} spans (services: {', '.join(services)}) carries "
+            f"{semconv.INFERENCE_STAGE!r}: they were not recorded by otel-inference "
+            "(run the service under opentelemetry-instrument with otel-inference installed)"
+        )
+    index.find_requests()
+    notes: list[str] = []
+    if not index.requests:
+        raise ReportError(
+            f"{len(stage_spans)} stage spans but no request span: expected a request() span "
+            f"(it carries {semconv.INFERENCE_UNATTRIBUTED!r}) or a SERVER span with stages "
+            "under it"
+        )
+    obs = observations(index)
+    owned = {o.span.key for o in obs}
+    outside = sum(1 for span in stage_spans if span.key not in owned)
+    if outside:
+        notes.append(
+            f"{outside} stage span(s) outside any request (warm-up, background work, or "
+            "a request span missing from the input) are left out"
+        )
+    if exclude_cold_start:
+        # request() flags its span; under a web framework's span, the stages carry the flag.
+        cold = {
+            key
+            for key, span in index.requests.items()
+            if _is_true(span.attributes.get(semconv.INFERENCE_COLD_START))
+        }
+        cold.update(
+            o.request for o in obs if _is_true(o.span.attributes.get(semconv.INFERENCE_COLD_START))
+        )
+        for key in cold:
+            del index.requests[key]
+        obs = [o for o in obs if o.request not in cold]
+        notes.append(f"{len(cold)} cold-start request(s) excluded")
+        if not index.requests:
+            raise ReportError(
+                f"all {len(cold)} requests are cold starts: nothing is left without them"
+            )
+    return _summarise(index, obs, budgets, cost_per_hour, source, notes)
+
+
+def _summarise(
+    index: _Index,
+    obs: list[Observation],
+    budgets: Mapping[str, float],
+    cost_per_hour: float | None,
+    source: str,
+    notes: list[str],
+) -> Report:
+    requests = index.requests
+    durations = {key: span.duration_ns for key, span in requests.items()}
+    top_intervals: dict[SpanKey, dict[str, list[tuple[int, int]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    values: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    work: dict[tuple[str, str | None], float] = defaultdict(float)  # weighted ns
+    hits = misses = 0
+    for o in obs:
+        span = o.span
+        values[(o.stage, o.parent)].append(span.duration_ns)
+        work[(o.stage, o.parent)] += span.duration_ns * o.weight
+        if o.parent is None:
+            request = requests[o.request]
+            bounds = (request.start_ns, request.end_ns)
+            top_intervals[o.request][o.stage].append(clip((span.start_ns, span.end_ns), bounds))
+        h = span.attributes.get(semconv.CACHE_HITS)
+        m = span.attributes.get(semconv.CACHE_MISSES)
+        if isinstance(h, int) and isinstance(m, int):
+            hits, misses = hits + h, misses + m
+
+    unattributed: dict[SpanKey, int] = {}
+    for key, request in requests.items():
+        declared = request.attributes.get(semconv.INFERENCE_UNATTRIBUTED)
+        if isinstance(declared, (int, float)) and not isinstance(declared, bool):
+            unattributed[key] = max(0, round(declared * 1e9))
+        else:
+            covered = union_length(i for ivs in top_intervals[key].values() for i in ivs)
+            unattributed[key] = max(0, durations[key] - covered)
+
+    threshold = nearest_rank(list(durations.values()), 0.95)
+    tail = [key for key, d in durations.items() if d >= threshold and d > 0]
+
+    def tail_share(time_of: Mapping[SpanKey, int]) -> float | None:
+        if not tail:
+            return None
+        return sum(time_of.get(key, 0) / durations[key] for key in tail) / len(tail)
+
+    rate = None if cost_per_hour is None else cost_per_hour / _SECONDS_PER_HOUR
+    n = len(requests)
+    rows: list[StageRow] = []
+    top = sorted({s for s, p in values if p is None}, key=order_key)
+    nested = sorted({(s, p) for s, p in values if p is not None}, key=lambda k: order_key(k[0]))
+    for stage in top:
+        row = _row(stage, "stage", values[(stage, None)], budgets=budgets)
+        row.tail_share = tail_share(
+            {key: union_length(ivs[stage]) for key, ivs in top_intervals.items() if stage in ivs}
+        )
+        if rate is not None:
+            row.cost_per_request = work[(stage, None)] / 1e9 * rate / n
+        rows.append(row)
+        for child, parent in [k for k in nested if k[1] == stage]:
+            rows.append(_nested_row(child, parent, values, work, rate, n, budgets))
+    for child, parent in [k for k in nested if k[1] not in top]:
+        rows.append(_nested_row(child, parent, values, work, rate, n, budgets))
+
+    gap = _row(semconv.UNATTRIBUTED, "unattributed", list(unattributed.values()), budgets=budgets)
+    gap.tail_share = tail_share(unattributed)
+    if rate is not None:
+        gap.cost_per_request = sum(unattributed.values()) / 1e9 * rate / n
+    rows.append(gap)
+    end_to_end = _row(semconv.REQUEST, "request", list(durations.values()), budgets=budgets)
+    total_cost = None
+    if rate is not None:
+        total_cost = sum(r.cost_per_request or 0.0 for r in rows if r.kind != "nested")
+        end_to_end.cost_per_request = total_cost
+    rows.append(end_to_end)
+    hit_ratio = hits / (hits + misses) if hits + misses else None
+    return Report(
+        source=source,
+        requests=n,
+        rows=rows,
+        verdict=decide(
+            rows, hit_ratio=hit_ratio, lookups=hits + misses, tail_threshold=threshold / 1e9
+        ),
+        percentile_method=PERCENTILE_METHOD,
+        tail_threshold=threshold / 1e9,
+        tail_requests=len(tail),
+        cost_per_hour=cost_per_hour,
+        cost_per_request=total_cost,
+        cache_hit_ratio=hit_ratio,
+        cache_lookups=hits + misses,
+        notes=notes,
+    )
+
+
+def _nested_row(
+    stage: str,
+    parent: str,
+    values: Mapping[tuple[str, str | None], list[int]],
+    work: Mapping[tuple[str, str | None], float],
+    rate: float | None,
+    n: int,
+    budgets: Mapping[str, float],
+) -> StageRow:
+    row = _row(stage, "nested", values[(stage, parent)], parent=parent, budgets=budgets)
+    if rate is not None:
+        row.cost_per_request = work[(stage, parent)] / 1e9 * rate / n
+    return row

@@ -1,0 +1,172 @@
+"""The verdict: which stage dominates the tail, and what to change first.
+
+The rules follow how latency problems of inference services are usually
+resolved: look around the model before the model.
+
+=========================================  ================  ==========================================
+dominant stage(s) of the tail              category          first fix
+=========================================  ================  ==========================================
+``queue_wait``                             configuration     batch window, batch size, concurrency
+``h2d_transfer``, ``d2h_transfer``         runtime           pinned memory, copy/compute overlap, fusion
+``feature_hydration``                      cache             hit ratio, batched lookups (cache design)
+``unattributed``                           instrumentation   instrument the gap first
+``parse``, ``preprocess``, ``tokenize``,   host              the service's own CPU code
+``postprocess``, ``serialize``
+``downstream``                             downstream        the called service
+anything else (custom stages)              custom            that stage's code
+``model_forward``                          model             only then the model
+=========================================  ================  ==========================================
+
+Each top-level stage (and ``unattributed``) has a weight: its share of tail
+latency (spans), or, from Prometheus alone, its p95 over the end-to-end p95.
+Weights are summed per category (two transfers together can outweigh the
+forward); the heaviest category wins (ties: the order of the table), and the
+verdict names its heaviest stage.
+
+Usage::
+
+    from otel_inference.report.verdict import decide
+
+    verdict = decide(report.rows, hit_ratio=0.93, lookups=1200, tail_threshold=0.080)
+    print(verdict.text)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from otel_inference import semconv
+from otel_inference.report._model import StageRow, Verdict
+
+CATEGORIES: dict[str, str] = {
+    semconv.QUEUE_WAIT: "configuration",
+    semconv.H2D_TRANSFER: "runtime",
+    semconv.D2H_TRANSFER: "runtime",
+    semconv.FEATURE_HYDRATION: "cache",
+    semconv.MODEL_FORWARD: "model",
+    semconv.UNATTRIBUTED: "instrumentation",
+    semconv.PARSE: "host",
+    semconv.PREPROCESS: "host",
+    semconv.TOKENIZE: "host",
+    semconv.POSTPROCESS: "host",
+    semconv.SERIALIZE: "host",
+    "downstream": "downstream",
+}
+_PRECEDENCE = (
+    "configuration",
+    "runtime",
+    "cache",
+    "instrumentation",
+    "host",
+    "downstream",
+    "custom",
+    "model",
+)
+UNATTRIBUTED_NOTE = 0.25
+"""An ``unattributed`` weight at least this large is mentioned even when it does not win."""
+
+
+def category_of(stage: str) -> str:
+    return CATEGORIES.get(stage, "custom")
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:.0f}%"
+
+
+def _ms(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
+    return f"{seconds * 1000:.3g} ms"
+
+
+def _advice(category: str, stage: str, hit_ratio: float | None, lookups: int) -> str:
+    if category == "configuration":
+        return (
+            "Fix the configuration first, not the model: requests wait for a batch or a "
+            "worker; tune the batch window (max_wait_ms), the batch size and the concurrency "
+            "(workers, replicas)."
+        )
+    if category == "runtime":
+        return (
+            "Fix the runtime, not the model: pin host memory, overlap copies with compute "
+            "(non_blocking copies, streams), fuse small copies and kernels, keep data on the device."
+        )
+    if category == "cache":
+        ratio = (
+            f"the cache hit ratio is {_pct(hit_ratio)} over {lookups} lookups; "
+            if hit_ratio is not None
+            else ""
+        )
+        return (
+            f"Fix the cache design: {ratio}raise the hit ratio (warming, TTLs, a local tier) "
+            "and batch the lookups (MGET, pipelines) before touching the model."
+        )
+    if category == "instrumentation":
+        return (
+            "Instrument the gap first: that time is in no stage, so wrap the uncovered code in "
+            'stage("...") (or enable its instrumentor) and run the report again.'
+        )
+    if category == "host":
+        return (
+            f"The service's own CPU work: profile {stage} (a faster tokenizer or serialiser, "
+            "less per-request Python, off the event loop) before the model."
+        )
+    if category == "downstream":
+        return "A downstream call: look at the called service, its timeouts and caching."
+    if category == "model":
+        return (
+            "Only now the model: the forward pass itself dominates; consider a smaller or "
+            "quantised model, compilation, fewer padded tokens, or faster hardware."
+        )
+    return f"The custom stage {stage} dominates: start with its code."
+
+
+def decide(
+    rows: Sequence[StageRow],
+    *,
+    hit_ratio: float | None = None,
+    lookups: int = 0,
+    tail_threshold: float | None = None,
+    basis: str = "tail",
+) -> Verdict:
+    """The verdict from the top-level rows and the ``unattributed`` row.
+
+    ``basis="tail"`` weighs rows by ``tail_share``; ``basis="p95"`` (Prometheus
+    input, no traces) by p95 over the ``request`` row's p95.
+    """
+    weights: dict[str, float] = {}
+    if basis == "tail":
+        for row in rows:
+            if row.kind in ("stage", "unattributed") and row.tail_share is not None:
+                weights[row.stage] = row.tail_share
+    else:
+        end_to_end = next((r for r in rows if r.kind == "request"), None)
+        if end_to_end is not None and end_to_end.p95:
+            for row in rows:
+                if row.kind in ("stage", "unattributed") and row.p95 is not None:
+                    weights[row.stage] = row.p95 / end_to_end.p95
+    if not weights or max(weights.values()) <= 0:
+        return Verdict(None, "none", None, ("No stage time to judge: no verdict.",))
+    by_category: dict[str, float] = defaultdict(float)
+    for stage, weight in weights.items():
+        by_category[category_of(stage)] += weight
+    category = max(by_category, key=lambda c: (by_category[c], -_PRECEDENCE.index(c)))
+    stage = max((s for s in weights if category_of(s) == category), key=lambda s: weights[s])
+    share = weights[stage]
+    if basis == "tail":
+        where = "of the time of requests at or above the end-to-end p95"
+        if tail_threshold is not None:
+            where += f" ({_ms(tail_threshold)})"
+    else:
+        where = "of the end-to-end p95 (Prometheus: the stage's p95 over the request's p95)"
+    first = f"{stage} dominates the tail: {_pct(share)} {where}"
+    others = [s for s in weights if category_of(s) == category and s != stage]
+    if others:
+        first += f"; with {', '.join(sorted(others))}: {_pct(by_category[category])}"
+    second = _advice(category, stage, hit_ratio, lookups)
+    gap = weights.get(semconv.UNATTRIBUTED, 0.0)
+    if category != "instrumentation" and gap >= UNATTRIBUTED_NOTE:
+        second += f" Also, {_pct(gap)} is unattributed: instrument that gap."
+    return Verdict(stage, category, share, (first + ".", second))
