@@ -19,7 +19,6 @@ time per call <= 0.6x contrib's.
 from __future__ import annotations
 
 import argparse
-import gc
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from benchmarks.harness import Benchmark, BenchmarkResult, CaseResult
+from benchmarks.harness import Benchmark, BenchmarkResult
 from otel_inference.instrumentation.redis import RedisFeatureInstrumentor
 from otel_inference.stages import StageRecorder
 from tests.servers import RedisServer
@@ -116,32 +115,6 @@ class Cases:
         return run
 
 
-def _run_cpu(bench: Benchmark, ops: int, rounds: int) -> BenchmarkResult:
-    """``Benchmark.run`` with the calling thread's CPU time instead of wall time.
-
-    The instrumentation's cost is CPU on the calling thread; wall time on a shared
-    2-core machine adds the server's scheduling noise (IQRs larger than the effects).
-    """
-    cases = bench._cases
-    for run in cases.values():
-        run(max(1, ops // 10))
-    timings: dict[str, list[float]] = {name: [] for name in cases}
-    names = list(cases)
-    for index in range(rounds):
-        for name in names[index % len(names) :] + names[: index % len(names)]:
-            gc.collect()
-            start = time.thread_time_ns()
-            cases[name](ops)
-            timings[name].append((time.thread_time_ns() - start) / ops / 1000)
-    return BenchmarkResult(
-        bench.title,
-        bench.baseline,
-        ops,
-        rounds,
-        {name: CaseResult(name, timings[name]) for name in names},
-    )
-
-
 def _bench(
     title: str, cases: Cases, op: Callable[[], object], ops: int, rounds: int
 ) -> BenchmarkResult:
@@ -152,7 +125,7 @@ def _bench(
     bench.case("ours", cases.case(op, ours=True))
     bench.case("ours unsampled", cases.case(op, ours=True, sampled=False))
     bench.case("contrib+ours", cases.case(op, contrib=True, ours=True))
-    result = _run_cpu(bench, ops, rounds)
+    result = bench.run(ops, rounds, clock=time.thread_time_ns)  # CPU of the calling thread
     contrib_added = result.added_us("contrib")
     for name in ("ours", "ours unsampled"):
         ratio = result.added_us(name) / contrib_added

@@ -20,7 +20,6 @@ thread is not counted, as in ``bench_redis``).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from torch import nn
 
-from benchmarks.harness import Benchmark, BenchmarkResult, CaseResult
+from benchmarks.harness import Benchmark, BenchmarkResult
 from otel_inference.instrumentation.torch import TorchInstrumentor
 from otel_inference.stages import StageRecorder
 
@@ -118,27 +117,6 @@ class Cases:
         self.meter_provider.shutdown()
 
 
-def run_cpu(bench: Benchmark, ops: int, rounds: int) -> BenchmarkResult:
-    """``Benchmark.run`` with the calling thread's CPU time instead of wall time."""
-    cases = bench._cases
-    for run in cases.values():
-        run(max(1, ops // 5))
-    timings: dict[str, list[float]] = {name: [] for name in cases}
-    names = list(cases)
-    for index in range(rounds):
-        for name in names[index % len(names) :] + names[: index % len(names)]:
-            gc.collect()
-            elapsed_ns = cases[name](ops)
-            timings[name].append(elapsed_ns / ops / 1000)
-    return BenchmarkResult(
-        bench.title,
-        bench.baseline,
-        ops,
-        rounds,
-        {name: CaseResult(name, timings[name]) for name in names},
-    )
-
-
 NOTE_CPU = (
     "CPU time of the calling thread per operation (median of rounds); same process, "
     "interleaved rounds; `unsampled` runs inside an unsampled parent span (histogram only), "
@@ -154,7 +132,7 @@ def bench_inner_calls(cases: Cases, ops: int, rounds: int) -> BenchmarkResult:
     for mode in ("bare", "hook", "unsampled", "sampled"):
         bench.case(f"{mode} 1 module", cases.case(mode, lambda: single(x)))
         bench.case(f"{mode} chain", cases.case(mode, lambda: chain(x)))
-    result = run_cpu(bench, ops, rounds)
+    result = bench.run(ops, rounds, warmup_ops=max(1, ops // 5), self_timed=True)
     calls = CHAIN + 1  # the Sequential plus its children
 
     def per_inner(mode: str) -> float:
@@ -193,7 +171,7 @@ def bench_forward(
     bench.case("stage() only, unsampled", cases.stage_only(op))
     for mode in ("unsampled", "sampled"):
         bench.case(mode, cases.case(mode, op))
-    result = run_cpu(bench, ops, rounds)
+    result = bench.run(ops, rounds, warmup_ops=max(1, ops // 5), self_timed=True)
     result.notes.append(
         "`stage() only, unsampled` (the core recorder's metrics-only stage around the bare "
         f"forward, no torch wrappers) adds {result.added_us('stage() only, unsampled'):+.1f} us: "
@@ -215,7 +193,7 @@ def bench_transfers(cases: Cases, ops: int, rounds: int) -> BenchmarkResult:
         bench.case(f"{mode} cast", cases.case(mode, lambda: x.to(torch.float16)))
     for mode in ("bare", "unsampled", "sampled"):
         bench.case(f"{mode} to(meta)", cases.case(mode, lambda: x.to("meta")))
-    result = run_cpu(bench, ops, rounds)
+    result = bench.run(ops, rounds, warmup_ops=max(1, ops // 5), self_timed=True)
     result.notes.append(
         f"dtype cast (fast path, no stage): {result.added_us('unsampled cast'):+.3f} us per call"
     )
