@@ -20,6 +20,8 @@ INFERENCE_STAGE_PARENT = "inference.stage.parent"
 INFERENCE_BUDGET_EXCEEDED = "inference.budget.exceeded"
 INFERENCE_BUDGET = "inference.budget"
 INFERENCE_UNATTRIBUTED = "inference.unattributed.duration"
+# request span: otel-inference's own time outside any stage (not counted as unattributed)
+INFERENCE_INSTRUMENTATION = "inference.instrumentation.duration"
 # true on cold requests and stages (span attribute and histogram label)
 INFERENCE_COLD_START = "inference.cold_start"
 INFERENCE_GC_PAUSE_DURATION = "inference.gc.pause.duration"  # request span: total s paused by GC

@@ -25,6 +25,9 @@ Timing rules (the report and ``unattributed`` depend on them):
 * ``request()`` records its own duration as stage ``request`` and the time that no
   top-level stage covered as stage ``unattributed`` (the union of the top-level
   stage intervals is subtracted, so concurrent stages are not double counted).
+  Our own enter/exit work between stages is not the application's: it is
+  subtracted too, and reported on the request span as
+  ``inference.instrumentation.duration``.
 * A stage outside any request (no current span) starts a root span that the
   sampler may keep, or records metrics only, per ``OTEL_INFERENCE_ROOT_STAGES``.
 * An exception sets the span status and ``error.type`` (also a histogram label)
@@ -118,6 +121,7 @@ class RequestAccount:
     (e.g. tokenize's token counts for model_forward)."""
 
     __slots__ = (
+        "_instrumentation",
         "_intervals",
         "attributes",
         "cold",
@@ -134,6 +138,7 @@ class RequestAccount:
         self.cold = cold
         self.attributes: dict[str, Any] = {}
         self._intervals: list[tuple[int, int]] = []
+        self._instrumentation: list[tuple[int, int]] = []
         # Written by the GC monitor's callback while the request is in flight.
         self.gc_pause_ns = 0
         self.gc_pause_count = 0
@@ -145,14 +150,33 @@ class RequestAccount:
             # Bounded memory for requests with huge numbers of stages.
             self._intervals = _merge(self._intervals)
 
+    def add_instrumentation(self, start_ns: int, end_ns: int) -> None:
+        """Time otel-inference itself spent in this request outside any stage (a
+        top-level stage's own enter and exit work): not the application's time,
+        so it must not show as ``unattributed``."""
+        self._instrumentation.append((start_ns, end_ns))
+        if len(self._instrumentation) > _MAX_REQUEST_INTERVALS:
+            self._instrumentation = _merge(self._instrumentation)
+
     def covered_ns(self, start_ns: int, end_ns: int) -> int:
         """Length of the union of top-level stage intervals, clipped to [start, end]."""
-        covered = 0
-        for lo, hi in _merge(self._intervals):
-            lo, hi = max(lo, start_ns), min(hi, end_ns)
-            if hi > lo:
-                covered += hi - lo
-        return covered
+        return _union_ns(self._intervals, start_ns, end_ns)
+
+    def instrumentation_ns(self, start_ns: int, end_ns: int) -> int:
+        """Our own time that no stage covers (clipped to [start, end])."""
+        if not self._instrumentation:
+            return 0
+        both = _union_ns(self._intervals + self._instrumentation, start_ns, end_ns)
+        return both - self.covered_ns(start_ns, end_ns)
+
+
+def _union_ns(intervals: list[tuple[int, int]], start_ns: int, end_ns: int) -> int:
+    covered = 0
+    for lo, hi in _merge(intervals):
+        lo, hi = max(lo, start_ns), min(hi, end_ns)
+        if hi > lo:
+            covered += hi - lo
+    return covered
 
 
 def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -673,6 +697,7 @@ class StageScope(_Scope):
     )
 
     def __enter__(self) -> StageScope:
+        enter_ns = perf_counter_ns()
         self._span: Span | None = None
         self._metric_context: otel_context.Context | None = None
         try:
@@ -701,7 +726,10 @@ class StageScope(_Scope):
             log_once("stage-enter", "otel-inference: failed to open stage", level=logging.ERROR)
             self._binding = None
             self._frame_token = None
+            self._account = None
         self._start_ns = perf_counter_ns()
+        if self._account is not None:
+            self._account.add_instrumentation(enter_ns, self._start_ns)
         return self
 
     def _open_span(self, binding: _Binding, context: otel_context.Context) -> None:
@@ -742,9 +770,11 @@ class StageScope(_Scope):
             span.set_attribute(key, value)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        duration_ns = perf_counter_ns() - self._start_ns
+        end_ns = perf_counter_ns()
         self.exit_context()
-        self.record(duration_ns, exc)
+        self.record(end_ns - self._start_ns, exc)
+        if self._account is not None:
+            self._account.add_instrumentation(end_ns, perf_counter_ns())
         return False
 
     def end(self, exc: BaseException | None = None) -> None:
@@ -934,7 +964,9 @@ class RequestScope(_Scope):
             account = self._account
             _GC.in_flight.pop(id(account), None)
             duration_ns = end_ns - account.start_ns
-            unattributed_ns = max(0, duration_ns - account.covered_ns(account.start_ns, end_ns))
+            covered_ns = account.covered_ns(account.start_ns, end_ns)
+            instrumentation_ns = account.instrumentation_ns(account.start_ns, end_ns)
+            unattributed_ns = max(0, duration_ns - covered_ns - instrumentation_ns)
             if self._frame_token is not None:
                 _FRAME.reset(self._frame_token)
             request_attributes = binding.metric_attributes(semconv.REQUEST, None, account.cold)
@@ -946,6 +978,7 @@ class RequestScope(_Scope):
             if span is not None:
                 if span.is_recording():
                     span.set_attribute(semconv.INFERENCE_UNATTRIBUTED, unattributed_ns / 1e9)
+                    span.set_attribute(semconv.INFERENCE_INSTRUMENTATION, instrumentation_ns / 1e9)
                     if account.gc_pause_count:
                         _add_gc_pauses(span, account)
                 _finish_span(
