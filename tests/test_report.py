@@ -425,3 +425,31 @@ def test_real_batcher_spans(telemetry, tmp_path):
         for s in telemetry.spans("inference.request")
     )
     assert report.row("unattributed").p99 == declared[-1] / 1e9
+
+
+def test_gc_pauses_in_the_tail_become_a_sentence(telemetry, tmp_path):
+    """Issue 11's GC totals reach the report: tail requests paused by full
+    collections are named, with the remedy."""
+    import gc
+
+    from otel_inference.instrumentation.runtime import RuntimeInstrumentor
+
+    path = tmp_path / "gc.jsonl"
+    telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(FileSpanExporter(path)))
+    heap = [[index] for index in range(300_000)]  # a full collection walks all of it
+    RuntimeInstrumentor().instrument(cold_start_requests=0)
+    try:
+        for index in range(40):
+            with request(), stage("model_forward"):
+                time.sleep(0.002)
+                if index % 20 == 19:  # two requests hit a full collection
+                    gc.collect()
+    finally:
+        RuntimeInstrumentor().uninstrument()
+        del heap
+    telemetry.tracer_provider.force_flush()
+
+    report = build_report(load_spans_file(path))
+    (note,) = [n for n in report.notes if n.startswith("GC:")]
+    assert "paused by garbage collection" in note and "gc.freeze()" in note
+    assert report.tail_requests >= 2

@@ -401,6 +401,9 @@ def _summarise(
         end_to_end.cost_per_request = total_cost
     rows.append(end_to_end)
     hit_ratio = hits / (hits + misses) if hits + misses else None
+    gc_note = _gc_note(requests, durations, tail)
+    if gc_note is not None:
+        notes.append(gc_note)
     return Report(
         source=source,
         requests=n,
@@ -416,6 +419,36 @@ def _summarise(
         cache_hit_ratio=hit_ratio,
         cache_lookups=hits + misses,
         notes=notes,
+    )
+
+
+_GC_NOTE_SHARE = 0.05  # GC pauses worth a sentence: 5% of the tail requests' time
+
+
+def _gc_note(
+    requests: Mapping[SpanKey, SpanRecord], durations: Mapping[SpanKey, int], tail: list[SpanKey]
+) -> str | None:
+    """ "p99 spikes coincide with GC pauses" as a sentence, from the request spans'
+    ``inference.gc.pause.duration`` (the runtime instrumentor's per-request total)."""
+    pauses = {}
+    for key, request in requests.items():
+        value = request.attributes.get(semconv.INFERENCE_GC_PAUSE_DURATION)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            pauses[key] = float(value)
+    if not pauses or not tail:
+        return None
+    tail_keys = set(tail)
+    tail_pause = sum(pauses.get(key, 0.0) for key in tail) / len(tail)
+    tail_share = sum(pauses.get(key, 0.0) / (durations[key] / 1e9) for key in tail) / len(tail)
+    if tail_share < _GC_NOTE_SHARE:
+        return None
+    rest = [key for key in durations if key not in tail_keys]
+    rest_pause = sum(pauses.get(key, 0.0) for key in rest) / len(rest) if rest else 0.0
+    return (
+        f"GC: requests at or above p95 spent {tail_pause * 1000:.1f} ms on average "
+        f"({tail_share:.0%} of their time) paused by garbage collection, vs "
+        f"{rest_pause * 1000:.1f} ms for the others; consider gc.freeze() after model load "
+        "(OTEL_INFERENCE_GC_FREEZE=true)."
     )
 
 
