@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from benchmarks.harness import RESULTS_PATH, environment_line
+from benchmarks.harness import environment_line, write_section
 from otel_inference import configure, request, stage
 from otel_inference.instrumentation.queues import QueueInstrumentor
 from otel_inference.instrumentation.runtime import RuntimeInstrumentor
@@ -106,15 +106,7 @@ def main() -> None:
         f"{'MET' if heap_growth <= BOUND_KIB else 'MISSED'}. {exporter.exported:,} spans exported.",
     ]
     section = "\n".join(lines) + "\n"
-    text = RESULTS_PATH.read_text()
-    marker = f"## {TITLE}"
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS_PATH.write_text(text)
+    write_section(TITLE, section)
     print(section)
 
 

@@ -21,9 +21,10 @@ import sys
 import threading
 from pathlib import Path
 
-from benchmarks.harness import RESULTS_PATH, environment_line
+from benchmarks.harness import environment_line, write_section
 
 REQUESTS = 3000
+TITLE = "Exporter faults: OTLP unreachable or hanging"
 CHILD = r"""
 import json, resource, statistics, sys, time
 from otel_inference import request, stage
@@ -135,7 +136,7 @@ def main() -> None:
     receiver.stop()
     base = cases[1]
     lines = [
-        "## Exporter faults: OTLP unreachable or hanging",
+        f"## {TITLE}",
         "",
         f"{REQUESTS} sampled requests (2 stages each) per case, each case a process under "
         f"opentelemetry-instrument; {environment_line()}",
@@ -159,15 +160,7 @@ def main() -> None:
         "compare cases within one run, and rerun before reading much into a single p99.",
     ]
     section = "\n".join(lines) + "\n"
-    text = RESULTS_PATH.read_text() if RESULTS_PATH.exists() else "# Benchmark results\n"
-    marker = "## Exporter faults: OTLP unreachable or hanging"
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS_PATH.write_text(text)
+    write_section(TITLE, section)
     print(section)
 
 
