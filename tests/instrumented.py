@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from tests.servers import LOCALHOST
+from tests.servers import LOCALHOST, PrometheusServer, free_port
 
 OPENTELEMETRY_INSTRUMENT = str(Path(sys.executable).parent / "opentelemetry-instrument")
 
@@ -47,3 +51,27 @@ def start(app: Path, env: dict[str, str]) -> subprocess.Popen[str]:
         text=True,
         env=env,
     )
+
+
+@contextmanager
+def scraped(
+    prometheus: PrometheusServer, app: Path, labels: dict[str, str], **variables: str
+) -> Iterator[Any]:
+    """Run ``app`` with a Prometheus endpoint that ``prometheus`` scrapes (target
+    ``labels``); yields the JSON the app prints first, stops it on exit."""
+    port = free_port()
+    process = start(app, prometheus_env(port, **variables))
+    try:
+        first_line = json.loads(process.stdout.readline())
+        prometheus.set_targets([f"{LOCALHOST}:{port}"], labels)
+        yield first_line
+    finally:
+        prometheus.set_targets([])
+        process.stdin.close()
+        process.wait(timeout=30)
+        assert process.returncode == 0, process.stderr.read()
+
+
+def bucket_of(value: float, bounds: tuple[float, ...]) -> int:
+    """Index of the histogram bucket holding ``value``."""
+    return next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))

@@ -7,24 +7,18 @@ breach (every budget is a bucket boundary).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from otel_inference.metrics import duration_boundaries
-from tests import instrumented
-from tests.instrumented import prometheus_env
-from tests.servers import LOCALHOST, free_port, wait_until
+from tests.instrumented import bucket_of, scraped
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.e2e
 
 APP = Path(__file__).resolve().parent / "apps" / "staged_app.py"
 BUDGET = 0.014
-
-
-def bucket_of(value: float, bounds: tuple[float, ...]) -> int:
-    return next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
 
 
 def true_quantile(values: list[float], q: float) -> float:
@@ -34,22 +28,14 @@ def true_quantile(values: list[float], q: float) -> float:
 
 @pytest.fixture
 def instrumented_app(prometheus_server):
-    port = free_port()
-    env = prometheus_env(
-        port,
+    with scraped(
+        prometheus_server,
+        APP,
+        {"service": "e2e"},
         OTEL_SERVICE_NAME="e2e-staged-app",
         OTEL_INFERENCE_BUDGETS=f"model_forward={BUDGET * 1000:g}ms",
-    )
-    process = instrumented.start(APP, env)
-    try:
-        observed = json.loads(process.stdout.readline())
-        prometheus_server.set_targets([f"{LOCALHOST}:{port}"], {"service": "e2e"})
+    ) as observed:
         yield observed
-    finally:
-        prometheus_server.set_targets([])
-        process.stdin.close()
-        process.wait(timeout=30)
-        assert process.returncode == 0, process.stderr.read()
 
 
 def test_prometheus_quantiles_match_truth(prometheus_server, instrumented_app):

@@ -17,9 +17,8 @@ import pytest
 
 from otel_inference.metrics import duration_boundaries
 from otel_inference.report._stats import nearest_rank
-from tests import instrumented
-from tests.instrumented import prometheus_env
-from tests.servers import LOCALHOST, free_port, wait_until
+from tests.instrumented import bucket_of, scraped
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -29,22 +28,15 @@ BUDGET = 0.014
 LABEL = "report-e2e"
 
 
-def bucket_of(value: float, bounds: tuple[float, ...]) -> int:
-    return next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
-
-
 @pytest.fixture
 def scraped_app(prometheus_server):
-    port = free_port()
-    env = prometheus_env(
-        port,
+    with scraped(
+        prometheus_server,
+        APP,
+        {"service": LABEL},
         OTEL_SERVICE_NAME="report-staged-app",
         OTEL_INFERENCE_BUDGETS=f"model_forward={BUDGET * 1000:g}ms",
-    )
-    process = instrumented.start(APP, env)
-    try:
-        observed = json.loads(process.stdout.readline())
-        prometheus_server.set_targets([f"{LOCALHOST}:{port}"], {"service": LABEL})
+    ) as observed:
 
         def scraped_everything() -> bool:
             result = prometheus_server.query(
@@ -56,11 +48,6 @@ def scraped_app(prometheus_server):
 
         wait_until(scraped_everything, 60, "prometheus to scrape the app", interval=0.5)
         yield observed
-    finally:
-        prometheus_server.set_targets([])
-        process.stdin.close()
-        process.wait(timeout=30)
-        assert process.returncode == 0, process.stderr.read()
 
 
 def report(prometheus_server, *options: str) -> dict:
