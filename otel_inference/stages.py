@@ -309,6 +309,13 @@ class _Binding:
         self._attribute_sets: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
         self._stage_names: set[str] = set()
 
+    def instruments(self, factory: Callable[[metrics.Meter], T]) -> T:
+        """``factory(meter)``'s instruments, created once for this configuration."""
+        created = self.extra_instruments.get(factory)
+        if created is None:
+            created = self.extra_instruments[factory] = factory(self.meter)
+        return created
+
     def metric_attributes(
         self, name: str, parent: str | None, cold: bool = False
     ) -> dict[str, Any]:
@@ -458,11 +465,7 @@ class StageRecorder:
         next call creates them on the new meter. Call it per record, not once at
         ``instrument()`` time; the cached path is a dict lookup.
         """
-        binding = self._binding or self._bind()
-        created = binding.extra_instruments.get(factory)
-        if created is None:
-            created = binding.extra_instruments[factory] = factory(binding.meter)
-        return created
+        return (self._binding or self._bind()).instruments(factory)
 
     def stage(self, name: str, **attributes: Any) -> StageScope:
         """A stage as a context manager (sync or async) or a decorator."""
@@ -663,11 +666,7 @@ def _gc_pause_histogram(meter: metrics.Meter) -> metrics.Histogram:
 
 def _drain_gc_pauses(binding: _Binding) -> None:
     """Record pauses the GC callback queued (it must not call the SDK itself)."""
-    histogram = binding.extra_instruments.get(_gc_pause_histogram)
-    if histogram is None:
-        histogram = binding.extra_instruments[_gc_pause_histogram] = _gc_pause_histogram(
-            binding.meter
-        )
+    histogram = binding.instruments(_gc_pause_histogram)
     pending = _GC_PENDING
     while pending:
         try:
