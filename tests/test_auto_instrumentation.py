@@ -20,6 +20,10 @@ APPS = Path(__file__).resolve().parent / "apps"
 
 # Instrumentors whose library is torch: skipped when torch is missing.
 TORCH_INSTRUMENTORS = {"inference_torch"}
+# Every third-party library some instrumentor wraps (the pyproject's instruments-any).
+INSTRUMENTED_LIBRARIES = "torch,redis,tokenizers,transformers,orjson,msgpack"
+# Standard library only (queue, json, gc): these load whatever else is installed.
+STDLIB_INSTRUMENTORS = {"inference_queues", "inference_runtime", "inference_serializers"}
 
 
 def declared_instrumentors() -> set[str]:
@@ -56,22 +60,23 @@ def test_every_declared_instrumentor_loads():
 
 
 @pytest.fixture
-def python_without_torch(tmp_path) -> str:
-    """A throwaway venv that sees this environment's packages, minus torch."""
-    env_dir = tmp_path / "no-torch"
+def python_hiding(tmp_path) -> str:
+    """A throwaway venv that sees this environment's packages, minus those named
+    in ``HIDE_PACKAGES`` (torch unless the test says otherwise)."""
+    env_dir = tmp_path / "hiding"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     site_packages = Path(
         sysconfig.get_path("purelib", vars={"base": str(env_dir), "platbase": str(env_dir)})
     )
     ours = sysconfig.get_path("purelib")
-    (site_packages / "hide_torch.py").write_text((APPS / "hide_torch.py").read_text())
+    (site_packages / "hide_packages.py").write_text((APPS / "hide_packages.py").read_text())
     # .pth lines: a path is appended to sys.path; an "import" line is executed.
-    (site_packages / "zz_parent_env.pth").write_text(f"{ours}\n{ROOT}\nimport hide_torch\n")
+    (site_packages / "zz_parent_env.pth").write_text(f"{ours}\n{ROOT}\nimport hide_packages\n")
     return str(env_dir / "bin" / "python")
 
 
-def test_missing_torch_disables_only_the_torch_instrumentor(python_without_torch):
-    result = run_instrumented(python=python_without_torch)
+def test_missing_torch_disables_only_the_torch_instrumentor(python_hiding):
+    result = run_instrumented(python=python_hiding)
     assert result["torch_found"] is False
     expected = declared_instrumentors() - TORCH_INSTRUMENTORS
     assert expected, "need at least one non-torch instrumentor to prove the point"
@@ -79,6 +84,16 @@ def test_missing_torch_disables_only_the_torch_instrumentor(python_without_torch
     assert loaded == expected, result
     for name in TORCH_INSTRUMENTORS & declared_instrumentors():
         assert result["instrumented"][name] is not True
+
+
+def test_stdlib_instrumentors_load_without_any_instrumented_library(python_hiding):
+    """opentelemetry-instrument checks the whole distribution's instruments-any
+    before loading any of its instrumentors: with none of those libraries present,
+    the queue, json and gc instrumentors must still load."""
+    result = run_instrumented(python=python_hiding, env={"HIDE_PACKAGES": INSTRUMENTED_LIBRARIES})
+    assert result["torch_found"] is False
+    loaded = {name for name, value in result["instrumented"].items() if value is True}
+    assert loaded == STDLIB_INSTRUMENTORS, result
 
 
 def test_env_vars_are_opentelemetry_instrument_flags():

@@ -1,7 +1,10 @@
 """The base every otel-inference instrumentor derives from.
 
 ``opentelemetry-instrument`` checks the distribution's ``instruments-any`` extra
-(satisfied when ANY instrumented library is present) and then calls
+(satisfied when ANY instrumented library is present; it also lists
+opentelemetry-instrumentation, which stands for the standard library, so the
+queue, json and gc instrumentors load in a service with none of the others) and
+then calls
 ``instrument(skip_dep_check=True)``. So each instrumentor must check its OWN
 library: :meth:`InferenceInstrumentor._instrument` raises
 ``DependencyConflictError`` (or ``ModuleNotFoundError``) when it is missing or out
