@@ -282,3 +282,70 @@ def test_sync_mode_synchronizes_before_and_after(fake):
     assert reported.source == SOURCE_SYNC and duration == 3 * MS and end_wall is None
     assert done.threads == [threading.get_ident()]
     assert "event" not in fake.calls
+
+
+# --- the fake's contract is torch's ---------------------------------------------------
+
+# How the timer calls the CUDA API: (torch callable, fake callable, arguments).
+_EVENT = object()  # stands for an event argument
+_STREAM = object()  # stands for a stream argument
+
+
+def _calls_the_timer_makes():
+    torch = pytest.importorskip("torch")
+    from tests.fake_cuda import FakeEvent
+
+    backend = FakeBackend()
+    return [
+        (
+            "Event(enable_timing=True)",
+            torch.cuda.Event.__new__,
+            None,
+            (torch.cuda.Event,),
+            {"enable_timing": True},
+        ),
+        ("Event.record(stream)", torch.cuda.Event.record, FakeEvent.record, (_EVENT, _STREAM), {}),
+        ("Event.query()", torch.cuda.Event.query, FakeEvent.query, (_EVENT,), {}),
+        (
+            "Event.elapsed_time(end)",
+            torch.cuda.Event.elapsed_time,
+            FakeEvent.elapsed_time,
+            (_EVENT, _EVENT),
+            {},
+        ),
+        ("current_stream(device)", torch.cuda.current_stream, backend.current_stream, (0,), {}),
+        (
+            "Stream(device=device)",
+            torch.cuda.Stream.__new__,
+            None,
+            (torch.cuda.Stream,),
+            {"device": 0},
+        ),
+        ("synchronize(device)", torch.cuda.synchronize, backend.synchronize, (0,), {}),
+    ]
+
+
+def test_the_fake_and_the_timer_use_torch_cuda_signatures():
+    """The timer's calls bind to the real ``torch.cuda`` signatures, and the fake
+    accepts the same calls: a renamed or reshaped torch API fails here, without a GPU."""
+    import inspect
+
+    from otel_inference.timing import TorchCudaBackend
+
+    for what, real, fake, args, kwargs in _calls_the_timer_makes():
+        for side, function in (("torch", real), ("fake", fake)):
+            if function is None:
+                continue
+            try:
+                inspect.signature(function).bind(*args, **kwargs)
+            except TypeError as exc:
+                pytest.fail(f"{side} does not accept the timer's {what}: {exc}")
+    # TorchCudaBackend is the only place those calls are spelled out.
+    source = inspect.getsource(TorchCudaBackend)
+    for spelled in (
+        "Event(enable_timing=True)",
+        "current_stream(device)",
+        "Stream(device=device)",
+        "synchronize(device)",
+    ):
+        assert spelled in source, spelled
