@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,6 +329,113 @@ def test_fastapi_app_parse_and_serialize(instrumented, telemetry):
     assert serialize.parent.span_id == request_span.context.span_id
 
 
+def _fastapi_serialize_stages(telemetry, endpoint_kwargs, returns, requests=3):
+    """Serve ``returns()`` from a FastAPI route built with ``endpoint_kwargs``;
+    return (responses, serialize spans, the serialize histogram point)."""
+    fastapi = pytest.importorskip("fastapi")
+    testclient = pytest.importorskip("fastapi.testclient")
+    app = fastapi.FastAPI()
+
+    @app.get("/vectors", **endpoint_kwargs)
+    async def vectors():
+        return returns()
+
+    app.add_middleware(RequestMiddleware)
+    with testclient.TestClient(app) as client:
+        telemetry.span_exporter.clear()
+        responses = [client.get("/vectors") for _ in range(requests)]
+    assert all(r.status_code == 200 for r in responses)
+    return responses, telemetry.spans(semconv.SERIALIZE), telemetry.stage_points()["serialize"]
+
+
+class SlowToRender(BaseModel):
+    """Rendering a list of these costs a measurable encode (jsonable_encoder) step."""
+
+    values: list[float]
+
+
+@pytest.mark.parametrize(
+    ("case", "endpoint_kwargs"),
+    [
+        ("no response model (jsonable_encoder, then JSONResponse.render)", {}),
+        (
+            "response model with ORJSONResponse (model dump, then render)",
+            {"response_model": list[SlowToRender], "response_class": "orjson"},
+        ),
+        (
+            "response model (pydantic straight to JSON bytes)",
+            {"response_model": list[SlowToRender]},
+        ),
+        ("a response class we do not wrap", {"response_class": "custom"}),
+    ],
+    ids=["no-model", "model+orjson", "model", "custom-class"],
+)
+def test_fastapi_records_one_serialize_stage_per_request(
+    instrumented, telemetry, case, endpoint_kwargs
+):
+    """FastAPI turns the endpoint's result into plain data, then the response class
+    renders it: one serialize stage per request covers both steps, whatever the route."""
+    fastapi_responses = pytest.importorskip("fastapi.responses")
+
+    render_started: list[int] = []
+
+    class SlowTextResponse(fastapi_responses.Response):
+        """A response class we do not wrap, whose render takes a known 20 ms."""
+
+        media_type = "text/plain"
+
+        def render(self, content) -> bytes:
+            render_started.append(time.time_ns())
+            time.sleep(0.02)
+            return repr(content).encode()
+
+    kwargs = dict(endpoint_kwargs)
+    kwargs["response_class"] = {
+        None: fastapi_responses.JSONResponse,
+        "orjson": fastapi_responses.ORJSONResponse,
+        "custom": SlowTextResponse,
+    }[kwargs.get("response_class")]
+    if kwargs["response_class"] is fastapi_responses.JSONResponse and "response_model" in kwargs:
+        del kwargs["response_class"]  # the default: FastAPI's dump_json fast path
+    payload = [SlowToRender(values=[i / 7 for i in range(400)]) for _ in range(20)]
+    responses, spans, point = _fastapi_serialize_stages(telemetry, kwargs, lambda: payload)
+    assert len(spans) == len(responses), case
+    assert point.count == len(responses), case
+    request_spans = {s.context.span_id for s in telemetry.spans("inference.request")}
+    spans.sort(key=lambda span: span.start_time)
+    for span, response in zip(spans, responses, strict=True):
+        assert span.attributes[semconv.INFERENCE_SERIALIZE_BYTES] == len(response.content)
+        assert span.parent.span_id in request_spans
+    if render_started:
+        # The stage opened at FastAPI's first step and closed after the render.
+        for span, started in zip(spans, render_started, strict=True):
+            assert span.start_time < started
+            assert span.end_time - started >= 20_000_000
+        assert point.min >= 0.02
+
+
+def test_fastapi_first_step_no_response_claims_is_recorded_alone(instrumented, telemetry):
+    """A first step (plain data) that no Response.__init__ follows is recorded on its
+    own when the next one starts; the next one is claimed by its response as usual."""
+    import asyncio
+
+    routing = pytest.importorskip("fastapi.routing")
+    responses = pytest.importorskip("starlette.responses")
+
+    async def serve() -> bytes:
+        with request():
+            await routing.serialize_response(response_content={"a": 1})  # never rendered
+            content = await routing.serialize_response(response_content={"b": [1, 2]})
+            return responses.JSONResponse(content).body
+
+    body = asyncio.run(serve())
+    first, second = sorted(telemetry.spans(semconv.SERIALIZE), key=lambda span: span.start_time)
+    assert semconv.INFERENCE_SERIALIZE_BYTES not in first.attributes  # no bytes: not rendered
+    assert second.attributes[semconv.INFERENCE_SERIALIZE_BYTES] == len(body)
+    assert first.end_time <= second.start_time
+    assert telemetry.stage_points()["serialize"].count == 2
+
+
 def test_uninstrument_restores_originals(telemetry):
     starlette_responses = pytest.importorskip("starlette.responses")
     fastapi_responses = pytest.importorskip("fastapi.responses")
@@ -345,6 +453,7 @@ def test_uninstrument_restores_originals(telemetry):
         (fastapi_responses.ORJSONResponse, "render"): vars(fastapi_responses.ORJSONResponse)[
             "render"
         ],
+        (starlette_responses.Response, "__init__"): vars(starlette_responses.Response)["__init__"],
     }
     instrumentor = SerializersInstrumentor()
     instrumentor.instrument()

@@ -13,8 +13,9 @@ Instrumented, each only when installed (wrapped when first imported):
 
 * serialize: ``json.dumps``, ``orjson.dumps``, ``msgpack.packb`` / ``dumps``,
   ``starlette.responses.JSONResponse.render``, FastAPI's ``ORJSONResponse`` /
-  ``UJSONResponse.render`` and ``fastapi.routing.serialize_response`` (FastAPI's
-  response-model path, which renders JSON through pydantic, not ``JSONResponse``);
+  ``UJSONResponse.render`` and ``fastapi.routing.serialize_response``: one stage
+  per FastAPI response, from ``serialize_response`` to the end of the response's
+  render (``starlette.responses.Response.__init__``), never two;
 * parse (unless ``OTEL_INFERENCE_SERIALIZERS_PARSE=false`` or ``parse=False``):
   ``json.loads`` (so ``json.load`` and Starlette's ``Request.json()``),
   ``orjson.loads``, ``msgpack.unpackb`` / ``loads``.
@@ -55,6 +56,8 @@ from otel_inference.instrumentation._patch import Patches
 from otel_inference.instrumentation.serializers._wrappers import (
     Target,
     async_stage_wrapper,
+    fastapi_serialize_response_wrapper,
+    response_init_wrapper,
     stage_wrapper,
 )
 from otel_inference.instrumentation.serializers.environment_variables import (
@@ -85,6 +88,8 @@ _SERIALIZE: dict[str, list[_Spec]] = {
         (None, "serialize_response", Target(semconv.SERIALIZE, "json", "fastapi"), True)
     ],
 }
+# Wrapped with the FastAPI-specific factories (one stage over FastAPI's two steps).
+_FASTAPI_SERIALIZE_RESPONSE = ("fastapi.routing", "serialize_response")
 _PARSE: dict[str, list[_Spec]] = {
     "json": [(None, "loads", Target(semconv.PARSE, "json", "json"), False)],
     "orjson": [(None, "loads", Target(semconv.PARSE, "json", "orjson"), False)],
@@ -149,8 +154,15 @@ class SerializersInstrumentor(InferenceInstrumentor):
                 owner = module if class_name is None else getattr(module, class_name, None)
                 if owner is None:
                     continue
+                if (module_name, attribute) == _FASTAPI_SERIALIZE_RESPONSE:
+                    patches.wrap(
+                        owner, attribute, fastapi_serialize_response_wrapper(recorder, target)
+                    )
+                    continue
                 factory = async_stage_wrapper if is_async else stage_wrapper
                 patches.wrap(owner, attribute, factory(recorder, target))
+            if module_name == "starlette.responses":
+                patches.wrap(module.Response, "__init__", response_init_wrapper)
 
         return apply
 

@@ -35,6 +35,7 @@ from opentelemetry.metrics import Histogram, Meter
 
 from otel_inference import semconv
 from otel_inference.stages import (
+    StageContext,
     StageRecorder,
     StageScope,
     current_request,
@@ -189,7 +190,7 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
 
 
 def async_stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]:
-    """A ``wrapt`` wrapper for a coroutine function (FastAPI's ``serialize_response``)."""
+    """A ``wrapt`` wrapper for a coroutine function."""
 
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if not _should_record():
@@ -206,3 +207,119 @@ def async_stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[...
         return result
 
     return wrapper
+
+
+# --- FastAPI: one serialize stage for "to plain data" + "render" --------------------
+#
+# FastAPI serialises a non-Response result in two steps: ``serialize_response``
+# turns it into plain data (jsonable_encoder, or the response model's dump), then
+# ``actual_response_class(content)`` renders that to bytes in ``Response.__init__``.
+# Only with a response model and the default class does ``serialize_response``
+# return the JSON bytes itself (pydantic's ``dump_json``). Recording each step
+# would count two serialize stages per request and halve what each reports, so
+# the first step is remembered here and the response's ``__init__``, right after
+# it in the same task, records one stage over both. Nothing stays open in
+# between: a first step no response claims (a class whose ``__init__`` skips
+# ``Response.__init__``) is recorded alone when the next one starts, or not at all.
+
+
+@dataclass(frozen=True)
+class _FirstStep:
+    recorder: StageRecorder
+    target: Target
+    context: StageContext
+    start_ns: int
+    end_ns: int
+    span: trace.Span  # current when it ran: the response that follows has the same
+
+
+_FIRST_STEP: ContextVar[_FirstStep | None] = ContextVar(
+    "otel_inference_serializers_first_step", default=None
+)
+
+
+def _record_serialize(
+    step: _FirstStep, end_ns: int, exc: BaseException | None, payload: Any
+) -> None:
+    flag = _RECORDING.set(True)
+    try:
+        size = None if exc is not None else payload_size(payload)
+        step.recorder.record_interval(
+            step.target.stage,
+            step.start_ns,
+            end_ns,
+            context=step.context,
+            attributes=step.target.span_attributes(size),
+            exc=exc,
+        )
+        if size is not None:
+            step.recorder.instruments(create_instruments).size.record(
+                size, {semconv.INFERENCE_SERIALIZE_FORMAT: step.target.format}
+            )
+    except Exception:
+        log_once("serializers-fastapi", "otel-inference: failed to record a serialize stage")
+    finally:
+        _RECORDING.reset(flag)
+
+
+def fastapi_serialize_response_wrapper(
+    recorder: StageRecorder, target: Target
+) -> Callable[..., Any]:
+    """A ``wrapt`` wrapper for ``fastapi.routing.serialize_response``: a whole
+    stage when it returns bytes, otherwise the first step of one (see above)."""
+
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not _should_record():
+            return await wrapped(*args, **kwargs)
+        unclaimed = _FIRST_STEP.get()
+        if unclaimed is not None:
+            _FIRST_STEP.set(None)
+            _record_serialize(unclaimed, unclaimed.end_ns, None, None)
+        step_context = recorder.capture()
+        start_ns = perf_counter_ns()
+        # As inside any serialize stage, nested (de)serialiser calls are not stages.
+        flag = _RECORDING.set(True)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _RECORDING.reset(flag)
+            step = _FirstStep(recorder, target, step_context, start_ns, 0, trace.INVALID_SPAN)
+            _record_serialize(step, perf_counter_ns(), exc, None)
+            raise
+        end_ns = perf_counter_ns()
+        _RECORDING.reset(flag)
+        step = _FirstStep(
+            recorder, target, step_context, start_ns, end_ns, trace.get_current_span()
+        )
+        if payload_size(result) is not None:  # JSON bytes already: the whole stage
+            _record_serialize(step, end_ns, None, result)
+        else:
+            _FIRST_STEP.set(step)
+        return result
+
+    return wrapper
+
+
+def response_init_wrapper(
+    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+) -> Any:
+    """A ``wrapt`` wrapper for ``starlette.responses.Response.__init__``: records
+    the serialize stage FastAPI's ``serialize_response`` began, over the render."""
+    step = _FIRST_STEP.get()
+    if step is None:
+        return wrapped(*args, **kwargs)
+    _FIRST_STEP.set(None)
+    if step.span is not trace.get_current_span():  # not that request's response
+        _record_serialize(step, step.end_ns, None, None)
+        return wrapped(*args, **kwargs)
+    # The render belongs to this stage: the render wrappers skip while we record.
+    flag = _RECORDING.set(True)
+    try:
+        wrapped(*args, **kwargs)
+    except BaseException as exc:
+        _RECORDING.reset(flag)
+        _record_serialize(step, perf_counter_ns(), exc, None)
+        raise
+    end_ns = perf_counter_ns()
+    _RECORDING.reset(flag)
+    _record_serialize(step, end_ns, None, getattr(instance, "body", None))
