@@ -527,7 +527,7 @@ class StageRecorder:
             captured = self.capture() if context is None else context
             duration_ns = max(0, end_ns - start_ns)
             seconds = duration_ns / 1e9
-            metric_attributes = binding.metric_attributes(name, captured.parent)
+            metric_attributes = binding.metric_attributes(name, captured.parent, captured.cold)
             if exc is not None:
                 metric_attributes = {**metric_attributes, semconv.ERROR_TYPE: _error_type(exc)}
             budget = binding.budgets.get(name)
@@ -539,6 +539,8 @@ class StageRecorder:
                 span_attributes = {semconv.INFERENCE_STAGE: name}
                 if captured.parent is not None:
                     span_attributes[semconv.INFERENCE_STAGE_PARENT] = captured.parent
+                if captured.cold:
+                    span_attributes[semconv.INFERENCE_COLD_START] = True
                 if attributes:
                     span_attributes.update(attributes)
                 start_wall_ns = time_ns() - (perf_counter_ns() - start_ns)
@@ -1007,13 +1009,19 @@ class StageContext:
     batcher). Holds references, not copies: keep it no longer than the work it
     describes."""
 
-    __slots__ = ("account", "context", "parent", "recording", "span_context")
+    __slots__ = ("account", "cold", "context", "parent", "recording", "span_context")
 
     def __init__(self, frame: _Frame | None, context: otel_context.Context, span: Span) -> None:
         self.account, self.parent = (None, None) if frame is None else frame
         self.context = context
         self.span_context: SpanContext = span.get_span_context()
         self.recording: bool = span.is_recording()
+        # Judged as a stage opened here would be: a stage recorded later for a cold
+        # request (its queue wait, its share of a batch) is cold too.
+        if self.account is not None:
+            self.cold: bool = self.account.cold
+        else:
+            self.cold = COLD_START.active and _cold_outside_request(self.parent, span)
 
     @property
     def in_request(self) -> bool:
@@ -1217,7 +1225,7 @@ class BatchStageScope:
             for member in members:
                 if member is None:
                     continue
-                attributes = binding.metric_attributes(name, member.parent)
+                attributes = binding.metric_attributes(name, member.parent, member.cold)
                 if error is not None:
                     attributes = {**attributes, **error}
                 binding.duration.record(seconds, attributes)

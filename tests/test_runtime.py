@@ -209,3 +209,40 @@ def test_bad_runtime_settings_name_the_variable(monkeypatch, variable, value):
     with pytest.raises(ConfigurationError, match=variable):
         RuntimeInstrumentor().instrument()
     assert not RuntimeInstrumentor().is_instrumented_by_opentelemetry
+
+
+def test_stages_recorded_later_for_a_cold_request_are_cold(telemetry):
+    """A batcher records each member's queue_wait and its share of the batch after
+    the request moved on: they carry the request's cold-start flag all the same, or
+    steady-state percentiles would include the slow first batches."""
+    from otel_inference.batching import ThreadBatcher
+    from otel_inference.stages import get_recorder
+
+    COLD_START.reset(2)
+    with ThreadBatcher(lambda items: list(items), max_batch_size=1, max_wait_ms=0) as batcher:
+        for index in range(4):
+            with request("embed"):
+                assert batcher(index, timeout=10) == index
+    # And a stage captured in a cold request, recorded after it ended.
+    COLD_START.reset(1)
+    with request("embed"):
+        captured = get_recorder().capture()
+    get_recorder().record_interval("postprocess", 0, 1_000, context=captured)
+
+    counts: dict[tuple[str, bool], int] = {}
+    for point in telemetry.metric_points("inference.stage.duration"):
+        key = (
+            point.attributes["inference.stage"],
+            bool(point.attributes.get("inference.cold_start")),
+        )
+        counts[key] = counts.get(key, 0) + point.count
+    assert counts[("queue_wait", True)] == 2 and counts[("queue_wait", False)] == 2
+    assert counts[("model_forward", True)] == 2 and counts[("model_forward", False)] == 2
+    assert counts[("postprocess", True)] == 1 and ("postprocess", False) not in counts
+    cold_spans = [
+        span.name
+        for span in telemetry.spans()
+        if span.name in ("queue_wait", "postprocess")
+        and span.attributes.get("inference.cold_start")
+    ]
+    assert sorted(cold_spans) == ["postprocess", "queue_wait", "queue_wait"]
