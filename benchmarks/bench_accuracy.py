@@ -28,18 +28,19 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter_ns
 
 from opentelemetry.exporter.otlp.json.file import FileSpanExporter
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry, generate_latest
 
 from benchmarks.harness import RESULTS_PATH, BenchmarkResult, environment_line
 from otel_inference import StageRecorder
@@ -120,6 +121,7 @@ class Run:
     shape: Shape
     truths: list[dict[str, int]]  # per request: stage -> ns of work, plus REQUEST
     report: Report
+    exposition: str = ""  # the run's metrics as Prometheus scrapes them (text format)
 
 
 def plan(shape: Shape, n: int, seed: int) -> list[dict[str, int]]:
@@ -138,14 +140,28 @@ def plan(shape: Shape, n: int, seed: int) -> list[dict[str, int]]:
     return requests
 
 
-def run_shape(shape: Shape, n: int = 400, seed: int = 9, spans_dir: Path | None = None) -> Run:
-    """Run ``n`` requests of ``shape`` under the real recorder, then report them."""
+def run_shape(
+    shape: Shape,
+    n: int = 400,
+    seed: int = 9,
+    spans_dir: Path | None = None,
+    budgets: Mapping[str, object] | str | None = None,
+) -> Run:
+    """Run ``n`` requests of ``shape`` under the real recorder, then report them.
+
+    ``budgets`` go to the recorder as a user would give them (none by default).
+    The run's metrics are kept as the Prometheus exporter serves them to a scrape.
+    """
+    resource = Resource.create({"service.name": "accuracy"})
     memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "accuracy"}))
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(SimpleSpanProcessor(memory))
-    recorder = StageRecorder(
-        provider, MeterProvider(metric_readers=[InMemoryMetricReader()]), budgets={}
+    # A registry of its own: the default one is process-global and would mix runs.
+    registry = CollectorRegistry()
+    meter_provider = MeterProvider(
+        metric_readers=[PrometheusMetricReader(registry=registry)], resource=resource
     )
+    recorder = StageRecorder(provider, meter_provider, budgets={} if budgets is None else budgets)
     # One warm-up request (imports, first-call paths, the process's cold-start mark).
     with recorder.request():
         with recorder.stage("warmup"):
@@ -172,6 +188,8 @@ def run_shape(shape: Shape, n: int = 400, seed: int = 9, spans_dir: Path | None 
     provider.force_flush()
     spans = memory.get_finished_spans()
     provider.shutdown()
+    exposition = generate_latest(registry).decode()
+    meter_provider.shutdown()
 
     # Through the real file format and loader, as `otel-inference report --spans` reads it.
     with tempfile.TemporaryDirectory(dir=spans_dir) as tmp:
@@ -180,7 +198,7 @@ def run_shape(shape: Shape, n: int = 400, seed: int = 9, spans_dir: Path | None 
         exporter.export(spans)
         exporter.shutdown()
         report = build_report(load_spans_file(path))
-    return Run(shape, truths, report)
+    return Run(shape, truths, report, exposition)
 
 
 def nearest_rank(values: Sequence[float], q: float) -> float:
