@@ -65,6 +65,7 @@ TITLE = "Budget alerts: the shipped rules on the accuracy pipelines"
 JOB = "accuracy"  # service.name: the job label the Collector's Prometheus exporter sets
 INSTANCE = "127.0.0.1:9464"  # what a direct scrape of the exporter would add
 STAGE = "inference_stage"
+COLD_START = "inference_cold_start"
 STEPS = 15  # one-minute samples 0m..15m
 EVAL_TIME = "10m"  # the condition holds from the first rate (1m): past the shipped `for: 5m`
 GENEROUS = 4.0  # x median, for every stage that should stay quiet
@@ -127,16 +128,26 @@ def scrape(exposition: str) -> list[Sample]:
     return samples
 
 
+def _judged(sample: Sample, name: str, stage: str) -> bool:
+    """A series the rules judge: ``name`` for ``stage``, steady state (the rules leave
+    out ``inference_cold_start="true"``, the process's first requests)."""
+    return (
+        sample.name == name
+        and sample.labels.get(STAGE) == stage
+        and sample.labels.get(COLD_START) != "true"
+    )
+
+
 def _total(samples: Sequence[Sample], name: str, stage: str) -> float:
     """``sum by (job, inference_stage)``: the scrape has one job."""
-    return sum(s.value for s in samples if s.name == name and s.labels.get(STAGE) == stage)
+    return sum(s.value for s in samples if _judged(s, name, stage))
 
 
 def histogram_quantile(q: float, samples: Sequence[Sample], stage: str) -> float:
     """Prometheus's histogram_quantile over ``stage``'s buckets (linear within a bucket)."""
     buckets: dict[float, float] = {}
     for s in samples:
-        if s.name == f"{DURATION}_bucket" and s.labels.get(STAGE) == stage:
+        if _judged(s, f"{DURATION}_bucket", stage):
             le = float(s.labels["le"])
             buckets[le] = buckets.get(le, 0.0) + s.value
     bounds = sorted(buckets)

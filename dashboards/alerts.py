@@ -14,6 +14,11 @@ no threshold in seconds appears here. A stage without a budget never alerts.
 * ``InferenceStageBudgetBreachRatioHigh``: the counted breaches / executions above
   5%: no buckets at all, so it also holds when a user View changes the boundaries.
 * ``InferenceRequestOverBudget``: the end-to-end budget (stage ``request``), paged.
+
+All of them judge steady state: executions labelled ``inference_cold_start="true"``
+(the first requests after a start, warm-up) are left out, as the dashboard's
+default "Requests" filter does. A slow first batch after every deploy is expected,
+not a budget breach; a service that stays cold is still caught once it is warm.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ GRAFANA_FOLDER = "Inference"
 BY = f"{promql.SERVICE}_{promql.STAGE}"  # recording-rule level: job_inference_stage
 NOT_REQUEST = f'{promql.STAGE}!="{promql.REQUEST}"'
 IS_REQUEST = f'{promql.STAGE}="{promql.REQUEST}"'
+# Steady state: series without the label (warm) match too.
+STEADY = f'{promql.COLD_START}!="true"'
 
 
 def quantile_record(q: float) -> str:
@@ -45,11 +52,11 @@ def recording_rules() -> list[dict[str, str]]:
     rules = [
         {
             "record": quantile_record(q),
-            "expr": promql.quantile(q, promql.DURATION, by, (), WINDOW),
+            "expr": promql.quantile(q, promql.DURATION, by, (STEADY,), WINDOW),
         }
         for q in (0.5, 0.95, 0.99)
     ]
-    rules.append({"record": BREACH_RATIO_RECORD, "expr": promql.breach_ratio((), WINDOW)})
+    rules.append({"record": BREACH_RATIO_RECORD, "expr": promql.breach_ratio((STEADY,), WINDOW)})
     return rules
 
 
@@ -125,7 +132,7 @@ def alerts() -> list[Alert]:
             value_format="humanizePercentage",
             threshold=1,
             prometheus_value=promql.stage_p95_over_budget((NOT_REQUEST,), WINDOW, p95=stage_p95),
-            grafana_value=promql.stage_p95_over_budget((NOT_REQUEST,), WINDOW),
+            grafana_value=promql.stage_p95_over_budget((NOT_REQUEST, STEADY), WINDOW),
         ),
         Alert(
             name="InferenceStageBudgetBreachRatioHigh",
@@ -135,7 +142,7 @@ def alerts() -> list[Alert]:
             value_format="humanizePercentage",
             threshold=promql.BREACH_RATIO_THRESHOLD,
             prometheus_value=f"{BREACH_RATIO_RECORD}{promql.selector(NOT_REQUEST)}",
-            grafana_value=promql.breach_ratio((NOT_REQUEST,), WINDOW),
+            grafana_value=promql.breach_ratio((NOT_REQUEST, STEADY), WINDOW),
         ),
         Alert(
             name="InferenceRequestOverBudget",
@@ -145,7 +152,7 @@ def alerts() -> list[Alert]:
             value_format="humanizePercentage",
             threshold=1,
             prometheus_value=promql.stage_p95_over_budget((IS_REQUEST,), WINDOW, p95=request_p95),
-            grafana_value=promql.stage_p95_over_budget((IS_REQUEST,), WINDOW),
+            grafana_value=promql.stage_p95_over_budget((IS_REQUEST, STEADY), WINDOW),
         ),
     ]
 
