@@ -55,7 +55,6 @@ from otel_inference.instrumentation._base import InferenceInstrumentor
 from otel_inference.instrumentation._patch import Patches
 from otel_inference.instrumentation.serializers._wrappers import (
     Target,
-    async_stage_wrapper,
     fastapi_serialize_response_wrapper,
     response_init_wrapper,
     stage_wrapper,
@@ -68,34 +67,45 @@ from otel_inference.stages import StageRecorder, log_once
 
 __all__ = ["SerializersInstrumentor"]
 
-# module -> [(class name or None for a module function, attribute, target, is async)]
-_Spec = tuple[str | None, str, Target, bool]
+# module -> [(class name or None for a module function, attribute, target, wrapper factory)]
+_Factory = Callable[[StageRecorder, Target], Callable[..., Any]]
+_Spec = tuple[str | None, str, Target, _Factory]
 _SERIALIZE: dict[str, list[_Spec]] = {
-    "json": [(None, "dumps", Target(semconv.SERIALIZE, "json", "json"), False)],
-    "orjson": [(None, "dumps", Target(semconv.SERIALIZE, "json", "orjson"), False)],
+    "json": [(None, "dumps", Target(semconv.SERIALIZE, "json", "json"), stage_wrapper)],
+    "orjson": [(None, "dumps", Target(semconv.SERIALIZE, "json", "orjson"), stage_wrapper)],
     "msgpack": [
-        (None, "packb", Target(semconv.SERIALIZE, "msgpack", "msgpack"), False),
-        (None, "dumps", Target(semconv.SERIALIZE, "msgpack", "msgpack"), False),
+        (None, "packb", Target(semconv.SERIALIZE, "msgpack", "msgpack"), stage_wrapper),
+        (None, "dumps", Target(semconv.SERIALIZE, "msgpack", "msgpack"), stage_wrapper),
     ],
     "starlette.responses": [
-        ("JSONResponse", "render", Target(semconv.SERIALIZE, "json", "starlette"), False)
+        ("JSONResponse", "render", Target(semconv.SERIALIZE, "json", "starlette"), stage_wrapper),
+        # Closes the stage serialize_response began: one stage over FastAPI's two steps.
+        (
+            "Response",
+            "__init__",
+            Target(semconv.SERIALIZE, "json", "fastapi"),
+            response_init_wrapper,
+        ),
     ],
     "fastapi.responses": [
-        ("ORJSONResponse", "render", Target(semconv.SERIALIZE, "json", "orjson"), False),
-        ("UJSONResponse", "render", Target(semconv.SERIALIZE, "json", "ujson"), False),
+        ("ORJSONResponse", "render", Target(semconv.SERIALIZE, "json", "orjson"), stage_wrapper),
+        ("UJSONResponse", "render", Target(semconv.SERIALIZE, "json", "ujson"), stage_wrapper),
     ],
     "fastapi.routing": [
-        (None, "serialize_response", Target(semconv.SERIALIZE, "json", "fastapi"), True)
+        (
+            None,
+            "serialize_response",
+            Target(semconv.SERIALIZE, "json", "fastapi"),
+            fastapi_serialize_response_wrapper,
+        )
     ],
 }
-# Wrapped with the FastAPI-specific factories (one stage over FastAPI's two steps).
-_FASTAPI_SERIALIZE_RESPONSE = ("fastapi.routing", "serialize_response")
 _PARSE: dict[str, list[_Spec]] = {
-    "json": [(None, "loads", Target(semconv.PARSE, "json", "json"), False)],
-    "orjson": [(None, "loads", Target(semconv.PARSE, "json", "orjson"), False)],
+    "json": [(None, "loads", Target(semconv.PARSE, "json", "json"), stage_wrapper)],
+    "orjson": [(None, "loads", Target(semconv.PARSE, "json", "orjson"), stage_wrapper)],
     "msgpack": [
-        (None, "unpackb", Target(semconv.PARSE, "msgpack", "msgpack"), False),
-        (None, "loads", Target(semconv.PARSE, "msgpack", "msgpack"), False),
+        (None, "unpackb", Target(semconv.PARSE, "msgpack", "msgpack"), stage_wrapper),
+        (None, "loads", Target(semconv.PARSE, "msgpack", "msgpack"), stage_wrapper),
     ],
 }
 
@@ -150,19 +160,11 @@ class SerializersInstrumentor(InferenceInstrumentor):
                 if conflict is not None:
                     log_once(f"serializers-version-{module_name}", "otel-inference: %s", conflict)
                     return
-            for class_name, attribute, target, is_async in items:
+            for class_name, attribute, target, factory in items:
                 owner = module if class_name is None else getattr(module, class_name, None)
                 if owner is None:
                     continue
-                if (module_name, attribute) == _FASTAPI_SERIALIZE_RESPONSE:
-                    patches.wrap(
-                        owner, attribute, fastapi_serialize_response_wrapper(recorder, target)
-                    )
-                    continue
-                factory = async_stage_wrapper if is_async else stage_wrapper
                 patches.wrap(owner, attribute, factory(recorder, target))
-            if module_name == "starlette.responses":
-                patches.wrap(module.Response, "__init__", response_init_wrapper)
 
         return apply
 

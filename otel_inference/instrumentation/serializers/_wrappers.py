@@ -135,6 +135,14 @@ def _should_record() -> bool:
     )
 
 
+def _record_size(recorder: StageRecorder, target: Target, size: int | None) -> None:
+    """``inference.serialize.size``: bytes out of a serialize stage."""
+    if size is not None and target.is_serialize:
+        recorder.instruments(create_instruments).size.record(
+            size, {semconv.INFERENCE_SERIALIZE_FORMAT: target.format}
+        )
+
+
 def _finish(
     recorder: StageRecorder,
     target: Target,
@@ -150,10 +158,7 @@ def _finish(
         size = None if exc is not None else payload_size(payload)
         attributes = target.span_attributes(size) if scope.is_recording else {}
         scope.record(duration_ns, exc, **attributes)
-        if size is not None and target.is_serialize:
-            recorder.instruments(create_instruments).size.record(
-                size, {semconv.INFERENCE_SERIALIZE_FORMAT: target.format}
-            )
+        _record_size(recorder, target, size)
     except Exception:
         log_once(
             "serializers-record",
@@ -179,26 +184,6 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
         start_ns = perf_counter_ns()
         try:
             result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _finish(recorder, target, scope, perf_counter_ns() - start_ns, exc, None)
-            raise
-        duration_ns = perf_counter_ns() - start_ns
-        _finish(recorder, target, scope, duration_ns, None, _payload(target, result, args, kwargs))
-        return result
-
-    return wrapper
-
-
-def async_stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]:
-    """A ``wrapt`` wrapper for a coroutine function."""
-
-    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not _should_record():
-            return await wrapped(*args, **kwargs)
-        scope = recorder.start(target.stage)
-        start_ns = perf_counter_ns()
-        try:
-            result = await wrapped(*args, **kwargs)
         except BaseException as exc:
             _finish(recorder, target, scope, perf_counter_ns() - start_ns, exc, None)
             raise
@@ -252,10 +237,7 @@ def _record_serialize(
             attributes=step.target.span_attributes(size),
             exc=exc,
         )
-        if size is not None:
-            step.recorder.instruments(create_instruments).size.record(
-                size, {semconv.INFERENCE_SERIALIZE_FORMAT: step.target.format}
-            )
+        _record_size(step.recorder, step.target, size)
     except Exception:
         log_once("serializers-fastapi", "otel-inference: failed to record a serialize stage")
     finally:
@@ -300,11 +282,14 @@ def fastapi_serialize_response_wrapper(
     return wrapper
 
 
-def response_init_wrapper(
-    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-) -> Any:
-    """A ``wrapt`` wrapper for ``starlette.responses.Response.__init__``: records
-    the serialize stage FastAPI's ``serialize_response`` began, over the render."""
+def response_init_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]:
+    """A ``wrapt`` wrapper for ``starlette.responses.Response.__init__``. It records
+    the serialize stage FastAPI's ``serialize_response`` began, over the render,
+    with that step's recorder and target (the arguments keep the factory shape)."""
+    return _response_init
+
+
+def _response_init(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
     step = _FIRST_STEP.get()
     if step is None:
         return wrapped(*args, **kwargs)
