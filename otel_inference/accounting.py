@@ -15,14 +15,15 @@ Usage (what :mod:`otel_inference.stages` does)::
 
     tally = account.tally("feature_hydration", None, cold=False, context=ctx)
     tally.add(start_ns, end_ns, error_type=None)
-    seconds = tally.time_ns() / 1e9     # at request end
+    seconds = tally.time_ns() / 1e9     # at request end, once
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_MAX_INTERVALS = 4096
+MAX_UNSETTLED_INTERVALS = 4096
+_KEEP_INTERVALS = 64
 
 
 def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -47,6 +48,48 @@ def union_ns(intervals: list[tuple[int, int]], start_ns: int, end_ns: int) -> in
     return covered
 
 
+class IntervalUnion:
+    """The length of a union of intervals that arrive roughly in time order, in
+    bounded memory: past ``MAX_UNSETTLED_INTERVALS`` the older ones are settled into a total,
+    and later intervals are clipped to start after them (calls end in order, give
+    or take the few that overlap)."""
+
+    __slots__ = ("intervals", "settled_end", "settled_ns")
+
+    def __init__(self) -> None:
+        self.intervals: list[tuple[int, int]] = []
+        self.settled_ns = 0
+        self.settled_end = -1
+
+    def add(self, start_ns: int, end_ns: int) -> None:
+        if start_ns < self.settled_end:
+            start_ns = self.settled_end
+            if end_ns <= start_ns:
+                return
+        intervals = self.intervals
+        intervals.append((start_ns, end_ns))
+        if len(intervals) > MAX_UNSETTLED_INTERVALS:
+            merged = merge_intervals(self.intervals)
+            settled, self.intervals = merged[:-_KEEP_INTERVALS], merged[-_KEEP_INTERVALS:]
+            if settled:
+                self.settled_ns += sum(hi - lo for lo, hi in settled)
+                self.settled_end = settled[-1][1]
+
+    def total_ns(self, start_ns: int | None = None, end_ns: int | None = None) -> int:
+        """The union's length; the unsettled part clipped to ``[start_ns, end_ns]``."""
+        intervals = self.intervals
+        if not intervals:
+            return self.settled_ns
+        if start_ns is None and end_ns is None:
+            if len(intervals) == 1:
+                lo, hi = intervals[0]
+                return self.settled_ns + hi - lo
+            return self.settled_ns + sum(hi - lo for lo, hi in merge_intervals(intervals))
+        lo = min(i[0] for i in intervals) if start_ns is None else start_ns
+        hi = max(i[1] for i in intervals) if end_ns is None else end_ns
+        return self.settled_ns + union_ns(intervals, lo, hi)
+
+
 class HeldSpan:
     """A stage span whose call has finished but that is not ended yet.
 
@@ -54,6 +97,7 @@ class HeldSpan:
     another span takes its place in the tally, or when the request ends."""
 
     __slots__ = (
+        "busy_ns",
         "calls",
         "compressible",
         "context",
@@ -79,14 +123,16 @@ class HeldSpan:
         self.end_ns = end_ns
         self.end_wall_ns = end_wall_ns
         self.calls = 1
+        self.busy_ns = end_ns - start_ns  # the calls' summed time
         # Later calls may join only while every call in it was short and successful,
         # under the same parent context, with no other stage span opened since.
         self.compressible = compressible
         self.context = context
         self.seq = seq
 
-    def join(self, end_ns: int) -> None:
+    def join(self, start_ns: int, end_ns: int) -> None:
         self.calls += 1
+        self.busy_ns += end_ns - start_ns
         if end_ns > self.end_ns:
             self.end_wall_ns += end_ns - self.end_ns
             self.end_ns = end_ns
@@ -95,9 +141,9 @@ class HeldSpan:
 class StageTally:
     """One stage (name + enclosing stage) of one request: its calls so far."""
 
-    __slots__ = ("calls", "cold", "context", "error_type", "held", "intervals", "name", "parent")
+    __slots__ = ("calls", "cold", "context", "error_type", "held", "name", "parent", "union")
 
-    def __init__(self, name: str, parent: str | None, cold: bool, context: Any) -> None:
+    def __init__(self, name: str, parent: str | None, cold: bool, context: Any = None) -> None:
         self.name = name
         self.parent = parent
         self.cold = cold
@@ -105,22 +151,15 @@ class StageTally:
         self.context = context
         self.calls = 0
         self.error_type: str | None = None
-        self.intervals: list[tuple[int, int]] = []
+        self.union = IntervalUnion()
         self.held: HeldSpan | None = None
 
     def add(self, start_ns: int, end_ns: int, error_type: str | None) -> None:
         self.calls += 1
-        self.intervals.append((start_ns, end_ns))
-        if len(self.intervals) > _MAX_INTERVALS:
-            self.intervals = merge_intervals(self.intervals)  # bounded memory
+        self.union.add(start_ns, end_ns)
         if error_type is not None and self.error_type is None:
             self.error_type = error_type
 
-    def time_ns(self, start_ns: int | None = None, end_ns: int | None = None) -> int:
-        """The union of the calls' intervals (optionally clipped to a window)."""
-        if len(self.intervals) == 1 and start_ns is None:
-            lo, hi = self.intervals[0]
-            return hi - lo
-        lo = min(i[0] for i in self.intervals) if start_ns is None else start_ns
-        hi = max(i[1] for i in self.intervals) if end_ns is None else end_ns
-        return union_ns(self.intervals, lo, hi)
+    def time_ns(self) -> int:
+        """The union of the calls' intervals: concurrent calls are not double counted."""
+        return self.union.total_ns()

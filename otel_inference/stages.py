@@ -66,7 +66,10 @@ from opentelemetry.trace import (
 )
 
 from otel_inference import semconv
-from otel_inference.accounting import HeldSpan, StageTally, merge_intervals, union_ns
+from otel_inference.accounting import (
+    MAX_UNSETTLED_INTERVALS as _UNSETTLED,
+)
+from otel_inference.accounting import HeldSpan, IntervalUnion, StageTally, union_ns
 from otel_inference.budgets import NO_BUDGETS, Budgets, budgets_from_env, coerce_budgets
 from otel_inference.config import (
     DEFAULT_MAX_SPANS_PER_REQUEST,
@@ -95,7 +98,6 @@ _MAX_CACHED_ATTRIBUTE_SETS = 1024
 # OTHER_STAGE (spans keep the real name). Guards against stage(f"user_{id}").
 MAX_STAGE_NAMES = 200
 OTHER_STAGE = "_other"
-_MAX_REQUEST_INTERVALS = 4096
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -129,8 +131,8 @@ class RequestAccount:
     of the same request (e.g. tokenize's token counts for model_forward)."""
 
     __slots__ = (
-        "_instrumentation",
-        "_intervals",
+        "_covered",
+        "_instrumentation_ns",
         "attributes",
         "closed",
         "cold",
@@ -139,6 +141,7 @@ class RequestAccount:
         "gc_pauses",
         "lock",
         "name",
+        "recording",
         "span_seq",
         "spans",
         "spans_dropped",
@@ -146,13 +149,18 @@ class RequestAccount:
         "tallies",
     )
 
-    def __init__(self, name: str, start_ns: int, cold: bool = False) -> None:
+    def __init__(
+        self, name: str, start_ns: int, cold: bool = False, recording: bool = False
+    ) -> None:
         self.name = name
         self.start_ns = start_ns
         self.cold = cold
+        # The request's span is sampled: its stages may make spans (parent-based sampling).
+        self.recording = recording
         self.attributes: dict[str, Any] = {}
-        self._intervals: list[tuple[int, int]] = []
-        self._instrumentation: list[tuple[int, int]] = []
+        # Covered time besides the top-level tallies' own, and our time between stages.
+        self._covered = IntervalUnion()
+        self._instrumentation_ns = 0
         # Written by the GC monitor's callback while the request is in flight.
         self.gc_pause_ns = 0
         self.gc_pause_count = 0
@@ -174,29 +182,27 @@ class RequestAccount:
         return tally
 
     def add_interval(self, start_ns: int, end_ns: int) -> None:
-        self._intervals.append((start_ns, end_ns))
-        if len(self._intervals) > _MAX_REQUEST_INTERVALS:
-            # Bounded memory for requests with huge numbers of stages.
-            self._intervals = merge_intervals(self._intervals)
+        """Count ``[start_ns, end_ns]`` as covered, as a top-level stage's calls are
+        (a batch's time for its member requests)."""
+        self._covered.add(start_ns, end_ns)
 
-    def add_instrumentation(self, start_ns: int, end_ns: int) -> None:
+    def add_instrumentation(self, duration_ns: int) -> None:
         """Time otel-inference itself spent in this request outside any stage (a
         top-level stage's own enter and exit work): not the application's time,
         so it must not show as ``unattributed``."""
-        self._instrumentation.append((start_ns, end_ns))
-        if len(self._instrumentation) > _MAX_REQUEST_INTERVALS:
-            self._instrumentation = merge_intervals(self._instrumentation)
+        self._instrumentation_ns += duration_ns
 
     def covered_ns(self, start_ns: int, end_ns: int) -> int:
-        """Length of the union of top-level stage intervals, clipped to [start, end]."""
-        return union_ns(self._intervals, start_ns, end_ns)
+        """Length of the union of top-level stage time, clipped to [start, end]."""
+        unions = [t.union for t in self.tallies.values() if t.parent is None]
+        unions.append(self._covered)
+        settled = sum(u.settled_ns for u in unions)
+        intervals = [i for u in unions for i in u.intervals]
+        return settled + union_ns(intervals, start_ns, end_ns) if intervals else settled
 
-    def instrumentation_ns(self, start_ns: int, end_ns: int) -> int:
-        """Our own time that no stage covers (clipped to [start, end])."""
-        if not self._instrumentation:
-            return 0
-        both = union_ns(self._intervals + self._instrumentation, start_ns, end_ns)
-        return both - self.covered_ns(start_ns, end_ns)
+    def instrumentation_ns(self) -> int:
+        """Our own time between stages (summed: it is a microsecond or two a stage)."""
+        return self._instrumentation_ns
 
 
 # (request account or None, enclosing stage name or None)
@@ -579,7 +585,8 @@ class StageRecorder:
         captured context was inside a stage), a breach is counted past the
         budget, a top-level stage covers its interval of the captured request
         (``cover=False`` when the caller did it already with
-        :meth:`StageContext.cover`), and a span is made only when the captured
+        :meth:`StageContext.cover`; inside a request the stage's tally covers it
+        anyway), and a span is made only when the captured
         span was recording at capture time, or as a root span under
         ``OTEL_INFERENCE_ROOT_STAGES=span`` when there was no span at all
         (``span=False`` never makes one). The span is backdated to the interval
@@ -714,7 +721,7 @@ class StageRecorder:
             account.span_seq,
         )
         if previous is not None:
-            _end_held(previous, tally, None, False)
+            _end_held(previous, None, False)
         return new_span.get_span_context() if new_span.is_recording() else None
 
     def start_batch(
@@ -846,6 +853,7 @@ class StageScope(_Scope):
         "_binding",
         "_cold",
         "_context_token",
+        "_enter_ns",
         "_frame_token",
         "_joined",
         "_metric_context",
@@ -854,50 +862,55 @@ class StageScope(_Scope):
         "_span",
         "_start_ns",
         "_start_wall_ns",
+        "_tally",
     )
 
     def __enter__(self) -> StageScope:
         enter_ns = perf_counter_ns()
         self._span: Span | None = None
         self._joined: HeldSpan | None = None
+        self._tally: StageTally | None = None
         self._metric_context: otel_context.Context | None = None
         try:
             binding = self._recorder._binding or self._recorder._bind()
             self._binding = binding
             frame = _FRAME.get()
-            account, parent = (None, None) if frame is None else frame
-            self._parent = parent
-            self._account = account
-            context = otel_context.get_current()
-            self._metric_context = self._outer_context = context
-            current = trace.get_current_span(context)
-            if account is not None:
-                self._cold = account.cold
-            elif COLD_START.active:
-                self._cold = _cold_outside_request(parent, current)
+            account = None if frame is None else frame[0]
+            if account is None:
+                self._enter_alone(binding, None if frame is None else frame[1])
             else:
-                self._cold = False
-            if current.is_recording():
-                if account is None or self._may_span(binding, account, context):
-                    self._open_span(binding, context)
-            elif binding.root_spans and not current.get_span_context().is_valid:
-                self._open_span(binding, context)
+                # Inside a request. Unsampled, this is all a call costs: no context or
+                # span lookups (the request's sampling decision holds for its stages).
+                self._account = account
+                self._parent = parent = frame[1]  # type: ignore[index]
+                self._cold = account.cold
+                tally = account.tallies.get((self._name, parent)) or self._new_tally(account)
+                if account.recording:
+                    self._enter_sampled(binding, account, tally)
+                elif binding.call_duration is None:
+                    self._tally = tally  # __exit__ only counts the call
             self._frame_token: Token[_Frame | None] | None = _FRAME.set((account, self._name))
         except Exception:  # never break the host application
             log_once("stage-enter", "otel-inference: failed to open stage", level=logging.ERROR)
             self._binding = None
             self._frame_token = None
             self._account = None
+        self._enter_ns = enter_ns
         self._start_ns = perf_counter_ns()
-        if self._account is not None and self._parent is None:
-            self._account.add_instrumentation(enter_ns, self._start_ns)
         return self
 
-    def _may_span(self, binding: _Binding, account: RequestAccount, context: object) -> bool:
-        """Inside a sampled request: join the stage's held span (compression), or
-        take one of the request's spans (the cap), or go without."""
-        tally = account.tallies.get((self._name, self._parent))
-        held = None if tally is None else tally.held
+    def _new_tally(self, account: RequestAccount) -> StageTally:
+        # setdefault: a racing thread's tally is kept, not replaced
+        return account.tallies.setdefault(
+            (self._name, self._parent), StageTally(self._name, self._parent, self._cold)
+        )
+
+    def _enter_sampled(self, binding: _Binding, account: RequestAccount, tally: StageTally) -> None:
+        """Inside a sampled request: join the stage's held span (a consecutive short
+        call: compression), or take one of the request's spans (the cap), or none."""
+        context = otel_context.get_current()
+        self._metric_context = self._outer_context = context
+        held = tally.held
         if (
             held is not None
             and held.compressible
@@ -905,13 +918,28 @@ class StageScope(_Scope):
             and held.seq == account.span_seq
         ):
             self._joined = held
-            return False
+            return
+        if not trace.get_current_span(context).is_recording():
+            return
         if account.spans >= binding.max_spans or account.closed:
             account.spans_dropped += 1
-            return False
+            return
         account.spans += 1
         account.span_seq += 1
-        return True
+        self._open_span(binding, context)
+
+    def _enter_alone(self, binding: _Binding, parent: str | None) -> None:
+        """Outside any request (or inside a batch): a single call with its own span."""
+        self._account = None
+        self._parent = parent
+        context = otel_context.get_current()
+        self._metric_context = self._outer_context = context
+        current = trace.get_current_span(context)
+        self._cold = COLD_START.active and _cold_outside_request(parent, current)
+        if current.is_recording() or (
+            binding.root_spans and not current.get_span_context().is_valid
+        ):
+            self._open_span(binding, context)
 
     def _open_span(
         self, binding: _Binding, context: otel_context.Context, start_wall_ns: int | None = None
@@ -958,10 +986,41 @@ class StageScope(_Scope):
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         end_ns = perf_counter_ns()
+        tally = self._tally
+        if tally is not None and exc is None:
+            # The hot path: a successful call in an unsampled request, counted in
+            # the request's tally; recorded with the others when the request ends.
+            _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
+            self._frame_token = None
+            account = self._account
+            start_ns = self._start_ns
+            with account.lock:  # type: ignore[union-attr]
+                if not account.closed:  # type: ignore[union-attr]
+                    tally.calls += 1
+                    union = tally.union
+                    if start_ns >= union.settled_end and len(union.intervals) < _UNSETTLED:
+                        union.intervals.append((start_ns, end_ns))
+                    else:
+                        union.add(start_ns, end_ns)
+                    if self._parent is None:
+                        account._instrumentation_ns += (  # type: ignore[union-attr]
+                            start_ns - self._enter_ns + perf_counter_ns() - end_ns
+                        )
+                    tally = None
+            if tally is None:
+                if _GC_PENDING:
+                    _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
+                return False
+            self.record(end_ns - start_ns)  # the request ended meanwhile: a single call
+            return False
         self.exit_context()
         self.record(end_ns - self._start_ns, exc)
-        if self._account is not None and self._parent is None:
-            self._account.add_instrumentation(end_ns, perf_counter_ns())
+        account = self._account
+        if account is not None and self._parent is None:
+            # Our own enter and exit work, around the stage: not the application's.
+            account.add_instrumentation(
+                self._start_ns - self._enter_ns + perf_counter_ns() - end_ns
+            )
         return False
 
     def end(self, exc: BaseException | None = None) -> None:
@@ -1070,9 +1129,9 @@ class StageScope(_Scope):
         end_ns = start_ns + duration_ns
         error_type = None if exc is None else _error_type(exc)
         tally = account.tally(self._name, self._parent, self._cold, self._metric_context)
-        tally.add(start_ns, end_ns, error_type)
-        if self._parent is None:
-            account.add_interval(start_ns, end_ns)
+        if tally.context is None:  # the exemplar of the request's record: the first span
+            tally.context = self._metric_context
+        tally.add(start_ns, end_ns, error_type)  # a top-level tally covers request time
         if binding.call_duration is not None:
             attributes = binding.metric_attributes(self._name, self._parent, self._cold)
             if error_type is not None:
@@ -1089,7 +1148,7 @@ class StageScope(_Scope):
         joined = self._joined
         if joined is not None:
             if compressible and tally.held is joined:
-                joined.join(end_ns)
+                joined.join(start_ns, end_ns)
                 return
             # Failing, slow or over budget: never hidden in a compressed span.
             if account.spans >= binding.max_spans:
@@ -1118,7 +1177,7 @@ class StageScope(_Scope):
             account.span_seq,
         )
         if previous is not None:
-            _end_held(previous, tally, None, False)
+            _end_held(previous, None, False)
 
 
 def _wall_of(perf_ns: int) -> int:
@@ -1126,15 +1185,14 @@ def _wall_of(perf_ns: int) -> int:
     return time_ns() - (perf_counter_ns() - perf_ns)
 
 
-def _end_held(held: HeldSpan, tally: StageTally, budget: float | None, exceeded: bool) -> None:
+def _end_held(held: HeldSpan, budget: float | None, exceeded: bool) -> None:
     """End a held stage span: a compressed one says how many calls it stands for and
     their time; the stage's last span carries the request's budget verdict."""
     span = held.span
     if span.is_recording():
         if held.calls > 1:
             span.set_attribute(semconv.STAGE_CALLS, held.calls)
-            covered = tally.time_ns(held.start_ns, held.end_ns)
-            span.set_attribute(semconv.INFERENCE_STAGE_CALLS_DURATION, covered / 1e9)
+            span.set_attribute(semconv.INFERENCE_STAGE_CALLS_DURATION, held.busy_ns / 1e9)
         if budget is not None:
             span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
     span.end(end_time=held.end_wall_ns)
@@ -1148,6 +1206,8 @@ def _close_account(binding: _Binding, account: RequestAccount, request_span: Spa
         tallies = list(account.tallies.values())
     breached: list[str] = []
     for tally in tallies:
+        if not tally.calls:
+            continue  # opened, not finished yet: recorded as a single call when it is
         seconds = tally.time_ns() / 1e9
         attributes = binding.metric_attributes(tally.name, tally.parent, tally.cold)
         if tally.error_type is not None:
@@ -1155,7 +1215,7 @@ def _close_account(binding: _Binding, account: RequestAccount, request_span: Spa
         budget = binding.budgets.get(tally.name)
         exceeded = budget is not None and seconds > budget
         if tally.held is not None:
-            _end_held(tally.held, tally, budget, exceeded)
+            _end_held(tally.held, budget, exceeded)
             tally.held = None
         binding.duration.record(seconds, attributes, context=tally.context)
         binding.calls.record(tally.calls, attributes, context=tally.context)
@@ -1270,7 +1330,8 @@ class RequestScope(_Scope):
                 self._span = span
                 self._context_token = otel_context.attach(trace.set_span_in_context(span))
             start_ns = perf_counter_ns()
-            self._account: RequestAccount = RequestAccount(self._name, start_ns, cold)
+            recording = self._span is not None and self._span.is_recording()
+            self._account: RequestAccount = RequestAccount(self._name, start_ns, cold, recording)
             if _GC.started:
                 _GC.in_flight[id(self._account)] = self._account
             self._frame_token: Token[_Frame | None] | None = _FRAME.set((self._account, None))
@@ -1299,7 +1360,7 @@ class RequestScope(_Scope):
             _GC.in_flight.pop(id(account), None)
             duration_ns = end_ns - account.start_ns
             covered_ns = account.covered_ns(account.start_ns, end_ns)
-            instrumentation_ns = account.instrumentation_ns(account.start_ns, end_ns)
+            instrumentation_ns = account.instrumentation_ns()
             unattributed_ns = max(0, duration_ns - covered_ns - instrumentation_ns)
             if self._frame_token is not None:
                 _FRAME.reset(self._frame_token)
@@ -1358,11 +1419,11 @@ class AdoptedRequestScope:
             if _FRAME.get() is not None:
                 return self  # already inside a request (or a stage): it owns the account
             self._binding = self._recorder._binding or self._recorder._bind()
-            cold = False
-            if COLD_START.active:
-                span_context = trace.get_current_span().get_span_context()
-                cold = COLD_START.take_trace(span_context.trace_id)
-            account = self._account = RequestAccount("server", perf_counter_ns(), cold)
+            span = trace.get_current_span()
+            cold = COLD_START.active and COLD_START.take_trace(span.get_span_context().trace_id)
+            account = self._account = RequestAccount(
+                "server", perf_counter_ns(), cold, span.is_recording()
+            )
             if _GC.started:
                 _GC.in_flight[id(account)] = account
             self._frame_token = _FRAME.set((account, None))

@@ -270,3 +270,14 @@ def test_500_small_serialisations_make_a_handful_of_spans(telemetry):
     assert sum(s.attributes.get("inference.stage.calls", 1) for s in spans) == 500
     calls = _points(telemetry, "inference.stage.calls")[("serialize", None, None)]
     assert calls.sum == 500
+
+
+def test_interval_union_stays_bounded_and_exact_for_ordered_calls():
+    from otel_inference.accounting import IntervalUnion
+
+    union = IntervalUnion()
+    for i in range(20_000):  # sequential 1 us calls, 1 us apart, with one overlap each
+        union.add(i * 2_000, i * 2_000 + 1_000)
+        union.add(i * 2_000 + 500, i * 2_000 + 1_000)
+    assert len(union.intervals) <= 4097
+    assert union.total_ns() == 20_000 * 1_000
