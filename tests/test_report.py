@@ -453,3 +453,21 @@ def test_gc_pauses_in_the_tail_become_a_sentence(telemetry, tmp_path):
     (note,) = [n for n in report.notes if n.startswith("GC:")]
     assert "paused by garbage collection" in note and "gc.freeze()" in note
     assert report.tail_requests >= 2
+
+
+def test_a_stage_is_what_each_request_spent_in_it(writer):
+    # Three 2 ms lookups per request (plain spans) in half the requests, one
+    # compressed span standing for three 2 ms calls over 10 ms in the other half.
+    for i in range(20):
+        if i % 2:
+            steps = [("feature_hydration", 2), (GAP, 1)] * 3
+        else:
+            compressed = {"inference.stage.calls": 3, "inference.stage.calls.duration": 0.006}
+            steps = [Step("feature_hydration", 10, compressed)]
+        writer.request([*steps, ("model_forward", 4)])
+    report = report_of(writer, budgets={"feature_hydration": 0.005})
+    row = next(r for r in report.rows if r.label == "feature_hydration")
+    assert row.count == 20  # requests, not calls
+    assert row.p50 == pytest.approx(ms(6), **EXACT)
+    assert row.p95 == pytest.approx(ms(6), **EXACT)
+    assert row.status == "over"  # 6 ms per request against a 5 ms budget

@@ -281,3 +281,76 @@ def test_interval_union_stays_bounded_and_exact_for_ordered_calls():
         union.add(i * 2_000 + 500, i * 2_000 + 1_000)
     assert len(union.intervals) <= 4097
     assert union.total_ns() == 20_000 * 1_000
+
+
+def test_metrics_spans_and_report_agree_on_per_request_time(tmp_path):
+    from opentelemetry.exporter.otlp.json.file import FileSpanExporter
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from otel_inference.report import build_report, load_spans_file
+    from tests.telemetry import Telemetry
+
+    telemetry = Telemetry()
+    path = tmp_path / "spans.jsonl"
+    telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(FileSpanExporter(path)))
+    recorder = get_recorder()
+    recorder.configure(
+        telemetry.tracer_provider, telemetry.meter_provider, budgets="feature_hydration=5ms"
+    )
+    try:
+        for _ in range(20):
+            with request():
+                for _ in range(3):
+                    with stage("feature_hydration"):
+                        time.sleep(0.002)
+        telemetry.tracer_provider.shutdown()
+        point = _points(telemetry)[("feature_hydration", None, None)]
+        report = build_report(load_spans_file(path), budgets={"feature_hydration": 0.005})
+    finally:
+        recorder.configure(budgets={})
+        telemetry.meter_provider.shutdown()
+    row = next(r for r in report.rows if r.label == "feature_hydration")
+    assert (row.count, point.count) == (20, 20)
+    assert _breaches(telemetry) == {"feature_hydration": 20}
+    assert row.status == "over"
+    # The report's per-request mean equals the histogram's (same calls, same clock).
+    assert row.mean == pytest.approx(point.sum / point.count, rel=0.02)
+
+
+def test_zero_code_asgi_requests_are_accounted_per_request(telemetry):
+    from fastapi import FastAPI
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from starlette.testclient import TestClient
+
+    from otel_inference.instrumentation.runtime import RuntimeInstrumentor
+
+    app = FastAPI()
+
+    @app.get("/items")
+    async def items() -> dict:
+        for _ in range(4):
+            with stage("feature_hydration"):
+                time.sleep(0.001)
+        return {"n": 4}
+
+    runtime = RuntimeInstrumentor()
+    runtime.instrument()
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=telemetry.tracer_provider)
+    try:
+        with TestClient(app) as client:
+            for _ in range(5):
+                assert client.get("/items").json() == {"n": 4}
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)
+        runtime.uninstrument()
+    point = _points(telemetry)[("feature_hydration", None, None)]
+    assert point.count == 5  # one per HTTP request, not one per call
+    assert point.sum >= 5 * 0.004
+    calls = _points(telemetry, "inference.stage.calls")[("feature_hydration", None, None)]
+    assert (calls.count, calls.sum) == (5, 20)
+    # Each request's calls share one span under its SERVER span.
+    spans = telemetry.spans("feature_hydration")
+    assert len(spans) == 5
+    servers = {s.context.span_id: s for s in telemetry.spans() if s.kind.name == "SERVER"}
+    assert all(span.parent.span_id in servers for span in spans)
+    assert all(span.attributes["inference.stage.calls"] == 4 for span in spans)

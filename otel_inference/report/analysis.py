@@ -231,6 +231,15 @@ def observations(index: _Index) -> list[Observation]:
     return list(found.values())
 
 
+def _compressed_ns(span: SpanRecord) -> int | None:
+    """The calls' time of a compressed span (``inference.stage.calls`` > 1), else None."""
+    calls = span.attributes.get(semconv.STAGE_CALLS)
+    busy = span.attributes.get(semconv.INFERENCE_STAGE_CALLS_DURATION)
+    if isinstance(calls, int) and calls > 1 and isinstance(busy, (int, float)):
+        return max(0, min(round(busy * 1e9), span.duration_ns))
+    return None
+
+
 def order_key(stage: str) -> tuple[int, str]:
     return (ORDER.index(stage), "") if stage in ORDER else (len(ORDER), stage)
 
@@ -338,21 +347,46 @@ def _summarise(
     top_intervals: dict[SpanKey, dict[str, list[tuple[int, int]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    values: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    # Per request and stage: the intervals of its spans, plus the time of its
+    # compressed spans (several calls each, with gaps between them).
+    spans_of: dict[tuple[str, str | None], dict[SpanKey, list[tuple[int, int]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    compressed_of: dict[tuple[str, str | None], dict[SpanKey, int]] = defaultdict(
+        lambda: defaultdict(int)
+    )
     work: dict[tuple[str, str | None], float] = defaultdict(float)  # weighted ns
     hits = misses = 0
     for o in obs:
         span = o.span
-        values[(o.stage, o.parent)].append(span.duration_ns)
-        work[(o.stage, o.parent)] += span.duration_ns * o.weight
+        key = (o.stage, o.parent)
+        request = requests[o.request]
+        busy = _compressed_ns(span)
+        if busy is None:
+            interval = clip((span.start_ns, span.end_ns), (request.start_ns, request.end_ns))
+            spans_of[key][o.request].append(interval)
+            work[key] += span.duration_ns * o.weight
+        else:
+            compressed_of[key][o.request] += busy
+            # For the tail's union: the calls' time, placed at the end of the span.
+            interval = (max(span.start_ns, span.end_ns - busy), span.end_ns)
+            work[key] += busy * o.weight
         if o.parent is None:
-            request = requests[o.request]
-            bounds = (request.start_ns, request.end_ns)
-            top_intervals[o.request][o.stage].append(clip((span.start_ns, span.end_ns), bounds))
+            top_intervals[o.request][o.stage].append(interval)
         h = span.attributes.get(semconv.CACHE_HITS)
         m = span.attributes.get(semconv.CACHE_MISSES)
         if isinstance(h, int) and isinstance(m, int):
             hits, misses = hits + h, misses + m
+
+    # A stage is what the request spent in it: one value per request (the union of
+    # its calls), as inference.stage.duration records it.
+    values: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    for key in set(spans_of) | set(compressed_of):
+        plain, compressed = spans_of.get(key, {}), compressed_of.get(key, {})
+        for request_key in set(plain) | set(compressed):
+            values[key].append(
+                union_length(plain.get(request_key, ())) + compressed.get(request_key, 0)
+            )
 
     unattributed: dict[SpanKey, int] = {}
     for key, request in requests.items():
