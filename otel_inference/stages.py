@@ -49,6 +49,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.semconv.attributes.exception_attributes import (
     EXCEPTION_STACKTRACE,
@@ -146,6 +147,7 @@ class RequestAccount:
         "spans",
         "spans_dropped",
         "start_ns",
+        "sums",
         "tallies",
     )
 
@@ -168,6 +170,8 @@ class RequestAccount:
         # Stage calls of this request, keyed by (stage, enclosing stage). Guarded by
         # ``lock``: a CUDA-timed stage is recorded from the resolver thread.
         self.tallies: dict[tuple[str, str | None], StageTally] = {}
+        # Figures summed over the request, recorded when it ends (record_per_request).
+        self.sums: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
         self.lock = threading.Lock()
         self.closed = False  # recorded: later records are single calls
         self.spans = 0  # stage spans opened in this request (the cap counts them)
@@ -214,6 +218,12 @@ def current_stage() -> str | None:
     """Name of the innermost open stage in this context, or None."""
     frame = _FRAME.get()
     return None if frame is None else frame[1]
+
+
+def current_frame() -> tuple[RequestAccount | None, str | None] | None:
+    """``(request account, innermost open stage)`` in this context, or None outside
+    both: one read for instrumentors that need both."""
+    return _FRAME.get()
 
 
 def current_request() -> RequestAccount | None:
@@ -540,6 +550,32 @@ class StageRecorder:
     def request(self, name: str = "inference.request", **attributes: Any) -> RequestScope:
         """A request boundary: records ``request`` and ``unattributed`` for every request."""
         return RequestScope(self, name, attributes)
+
+    def record_per_request(
+        self, instrument: Any, value: float, attributes: Mapping[str, Any]
+    ) -> None:
+        """Record ``value`` into ``instrument`` (a histogram or a counter) for the
+        current request: inside an open request, values with the same attributes are
+        summed and recorded once when it ends (a request's bytes serialised over 500
+        small calls is one record, not 500); outside a request, now. Never raises."""
+        try:
+            frame = _FRAME.get()
+            account = None if frame is None else frame[0]
+            if account is not None:
+                with account.lock:
+                    if not account.closed:
+                        key = (id(instrument), tuple(attributes.items()))
+                        entry = account.sums.get(key)
+                        if entry is None:
+                            account.sums[key] = [instrument, attributes, value]
+                        else:
+                            entry[2] += value
+                        return
+            _emit(instrument, value, attributes)
+        except Exception:
+            log_once(
+                "per-request", "otel-inference: failed to record a figure", level=logging.ERROR
+            )
 
     def adopt_request(self) -> AdoptedRequestScope:
         """Account the stages of a request whose span another instrumentation owns
@@ -1198,12 +1234,34 @@ def _end_held(held: HeldSpan, budget: float | None, exceeded: bool) -> None:
     span.end(end_time=held.end_wall_ns)
 
 
+def _emit(instrument: Any, value: float, attributes: Mapping[str, Any]) -> None:
+    if hasattr(instrument, "record"):
+        instrument.record(value, attributes)
+    else:
+        instrument.add(value, attributes)
+
+
 def _close_account(binding: _Binding, account: RequestAccount, request_span: Span | None) -> None:
-    """The request ended: record each of its stages once (time, calls, budget),
-    end the held spans, and tell the request span what was dropped or breached."""
+    """The request ended: record each of its stages once (time, calls, budget) and
+    its per-request figures, end the held spans, and tell the request span what
+    was dropped or breached."""
     with account.lock:
         account.closed = True
         tallies = list(account.tallies.values())
+    # Ending spans can run exporters here (a SimpleSpanProcessor): their own work
+    # (a JSON dump, an HTTP call) is not the application's, and must not be recorded.
+    with suppress_instrumentation():
+        _record_account(binding, account, tallies, request_span)
+
+
+def _record_account(
+    binding: _Binding,
+    account: RequestAccount,
+    tallies: list[StageTally],
+    request_span: Span | None,
+) -> None:
+    for instrument, attributes, value in account.sums.values():
+        _emit(instrument, value, attributes)
     breached: list[str] = []
     for tally in tallies:
         if not tally.calls:
