@@ -873,6 +873,11 @@ def _drain_gc_pauses(binding: _Binding) -> None:
         )
 
 
+# A scope entered this soon after it was made was made for this ``with``: its making
+# is counted as our own time. One made long before (kept, then entered) is not.
+_FRESH_SCOPE_NS = 100_000
+
+
 class StageScope(_Scope):
     """One execution of a stage. Single use as a context manager; as a
     decorator each call gets a fresh scope.
@@ -889,6 +894,7 @@ class StageScope(_Scope):
         "_binding",
         "_cold",
         "_context_token",
+        "_created_ns",
         "_enter_ns",
         "_frame_token",
         "_joined",
@@ -901,8 +907,19 @@ class StageScope(_Scope):
         "_tally",
     )
 
+    def __init__(
+        self, recorder: StageRecorder, name: str, attributes: Mapping[str, Any] | None
+    ) -> None:
+        self._recorder = recorder
+        self._name = name
+        self._attributes = attributes
+        # Making the scope is our work too: ``with stage(...)`` counts from here.
+        self._created_ns = perf_counter_ns()
+
     def __enter__(self) -> StageScope:
         enter_ns = perf_counter_ns()
+        if enter_ns - self._created_ns < _FRESH_SCOPE_NS:
+            enter_ns = self._created_ns
         self._span: Span | None = None
         self._joined: HeldSpan | None = None
         self._tally: StageTally | None = None
