@@ -20,10 +20,12 @@ Usage (what :mod:`otel_inference.stages` does)::
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 MAX_UNSETTLED_INTERVALS = 4096
 _KEEP_INTERVALS = 64
+_SETTLE_LOCK = threading.Lock()
 
 
 def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -49,35 +51,58 @@ def union_ns(intervals: list[tuple[int, int]], start_ns: int, end_ns: int) -> in
 
 
 class IntervalUnion:
-    """The length of a union of intervals that arrive roughly in time order, in
-    bounded memory: past ``MAX_UNSETTLED_INTERVALS`` the older ones are settled into a total,
-    and later intervals are clipped to start after them (calls end in order, give
-    or take the few that overlap)."""
+    """The length of a union of intervals and how many were added, in bounded memory.
 
-    __slots__ = ("intervals", "settled_end", "settled_ns")
+    ``add`` is a lock-free ``list.append`` (atomic under the GIL), so threads of one
+    request may add at once. Past ``MAX_UNSETTLED_INTERVALS`` the older intervals are
+    settled into a total, under a lock, by the thread that crossed the limit; appends
+    racing with it are kept. Intervals that reach back into settled time are clipped
+    to start after it (exact for calls that end in order, give or take overlaps)."""
+
+    __slots__ = ("_kept", "_settled_calls", "intervals", "settled_end", "settled_ns")
 
     def __init__(self) -> None:
         self.intervals: list[tuple[int, int]] = []
         self.settled_ns = 0
         self.settled_end = -1
+        self._settled_calls = 0
+        self._kept = 0  # merged intervals left at the head of the list by the last settle
 
     def add(self, start_ns: int, end_ns: int) -> None:
-        if start_ns < self.settled_end:
-            start_ns = self.settled_end
-            if end_ns <= start_ns:
-                return
         intervals = self.intervals
         intervals.append((start_ns, end_ns))
         if len(intervals) > MAX_UNSETTLED_INTERVALS:
-            merged = merge_intervals(self.intervals)
-            settled, self.intervals = merged[:-_KEEP_INTERVALS], merged[-_KEEP_INTERVALS:]
+            self.settle()
+
+    def settle(self) -> None:
+        with _SETTLE_LOCK:
+            intervals = self.intervals
+            taken = len(intervals)
+            if taken <= MAX_UNSETTLED_INTERVALS:
+                return  # another thread settled them
+            merged = merge_intervals(self._clipped(intervals[:taken]))
+            settled, kept = merged[:-_KEEP_INTERVALS], merged[-_KEEP_INTERVALS:]
             if settled:
                 self.settled_ns += sum(hi - lo for lo, hi in settled)
                 self.settled_end = settled[-1][1]
+            intervals[:taken] = kept  # one atomic slice assignment: later appends stay
+            self._settled_calls += taken - self._kept
+            self._kept = len(kept)
+
+    @property
+    def count(self) -> int:
+        """How many intervals were added (settling merges them, the count stays)."""
+        return self._settled_calls + len(self.intervals) - self._kept
+
+    def _clipped(self, intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        floor = self.settled_end
+        if floor < 0:
+            return intervals
+        return [(max(lo, floor), hi) for lo, hi in intervals if hi > floor]
 
     def total_ns(self, start_ns: int | None = None, end_ns: int | None = None) -> int:
         """The union's length; the unsettled part clipped to ``[start_ns, end_ns]``."""
-        intervals = self.intervals
+        intervals = self._clipped(self.intervals)
         if not intervals:
             return self.settled_ns
         if start_ns is None and end_ns is None:
@@ -141,7 +166,7 @@ class HeldSpan:
 class StageTally:
     """One stage (name + enclosing stage) of one request: its calls so far."""
 
-    __slots__ = ("calls", "cold", "context", "error_type", "held", "name", "parent", "union")
+    __slots__ = ("cold", "context", "error_type", "held", "name", "parent", "union")
 
     def __init__(self, name: str, parent: str | None, cold: bool, context: Any = None) -> None:
         self.name = name
@@ -149,13 +174,15 @@ class StageTally:
         self.cold = cold
         # The first call's context: the exemplar of the request's record points there.
         self.context = context
-        self.calls = 0
         self.error_type: str | None = None
         self.union = IntervalUnion()
         self.held: HeldSpan | None = None
 
+    @property
+    def calls(self) -> int:
+        return self.union.count
+
     def add(self, start_ns: int, end_ns: int, error_type: str | None) -> None:
-        self.calls += 1
         self.union.add(start_ns, end_ns)
         if error_type is not None and self.error_type is None:
             self.error_type = error_type

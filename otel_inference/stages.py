@@ -1041,30 +1041,25 @@ class StageScope(_Scope):
         end_ns = perf_counter_ns()
         tally = self._tally
         if tally is not None and exc is None:
-            # The hot path: a successful call in an unsampled request, counted in
-            # the request's tally; recorded with the others when the request ends.
+            # The hot path: a successful call in an unsampled request, added to the
+            # request's tally (a lock-free append); recorded when the request ends.
             _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
             self._frame_token = None
             account = self._account
             start_ns = self._start_ns
-            with account.lock:  # type: ignore[union-attr]
-                if not account.closed:  # type: ignore[union-attr]
-                    tally.calls += 1
-                    union = tally.union
-                    if start_ns >= union.settled_end and len(union.intervals) < _UNSETTLED:
-                        union.intervals.append((start_ns, end_ns))
-                    else:
-                        union.add(start_ns, end_ns)
-                    if self._parent is None:
-                        account._instrumentation_ns += (  # type: ignore[union-attr]
-                            start_ns - self._enter_ns + perf_counter_ns() - end_ns
-                        )
-                    tally = None
-            if tally is None:
-                if _GC_PENDING:
-                    _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
+            if account.closed:  # type: ignore[union-attr]
+                self.record(end_ns - start_ns)  # its request ended meanwhile: a single call
                 return False
-            self.record(end_ns - start_ns)  # the request ended meanwhile: a single call
+            intervals = tally.union.intervals
+            intervals.append((start_ns, end_ns))
+            if len(intervals) > _UNSETTLED:
+                tally.union.settle()
+            if self._parent is None:
+                account._instrumentation_ns += (  # type: ignore[union-attr]
+                    start_ns - self._enter_ns + perf_counter_ns() - end_ns
+                )
+            if _GC_PENDING:
+                _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
             return False
         self.exit_context()
         self.record(end_ns - self._start_ns, exc)
