@@ -21,6 +21,7 @@ Usage (what :mod:`otel_inference.stages` does)::
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 MAX_UNSETTLED_INTERVALS = 4096
@@ -28,15 +29,15 @@ _KEEP_INTERVALS = 64
 _SETTLE_LOCK = threading.Lock()
 
 
-def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, non-overlapping intervals covering the same time."""
+def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint intervals covering the same points as ``intervals``."""
     merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(intervals):
-        if merged and lo <= merged[-1][1]:
-            if hi > merged[-1][1]:
-                merged[-1] = (merged[-1][0], hi)
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
         else:
-            merged.append((lo, hi))
+            merged.append((start, end))
     return merged
 
 

@@ -67,22 +67,33 @@ def stage_call_durations_enabled(environ: Mapping[str, str] | None = None) -> bo
     return parse_bool(OTEL_INFERENCE_STAGE_CALL_DURATION, environ)
 
 
+def parse_count(
+    name: str,
+    what: str,
+    default: int,
+    environ: Mapping[str, str] | None = None,
+    limit: int = 1_000_000,
+) -> int:
+    """A whole-number variable from 0 to ``limit`` (``what`` it counts, for the error)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) > limit:
+        raise ConfigurationError(
+            f"{name}={raw!r} must be a whole number of {what} from 0 to {limit}"
+        )
+    return int(raw)
+
+
 DEFAULT_MAX_SPANS_PER_REQUEST = 500
-_MAX_SPANS_LIMIT = 1_000_000
 
 
 def max_spans_per_request(environ: Mapping[str, str] | None = None) -> int:
     """:envvar:`OTEL_INFERENCE_MAX_SPANS_PER_REQUEST` (default 500)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(OTEL_INFERENCE_MAX_SPANS_PER_REQUEST, "").strip()
-    if not raw:
-        return DEFAULT_MAX_SPANS_PER_REQUEST
-    if not raw.isdigit() or int(raw) > _MAX_SPANS_LIMIT:
-        raise ConfigurationError(
-            f"{OTEL_INFERENCE_MAX_SPANS_PER_REQUEST}={raw!r} must be a whole number of "
-            f"spans from 0 to {_MAX_SPANS_LIMIT}"
-        )
-    return int(raw)
+    return parse_count(
+        OTEL_INFERENCE_MAX_SPANS_PER_REQUEST, "spans", DEFAULT_MAX_SPANS_PER_REQUEST, environ
+    )
 
 
 DEFAULT_SPAN_COMPRESSION_THRESHOLD_S = 0.05

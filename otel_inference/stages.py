@@ -185,6 +185,16 @@ class RequestAccount:
             tally = self.tallies[key] = StageTally(name, parent, cold, context)
         return tally
 
+    def take_span(self, max_spans: int) -> bool:
+        """One more stage span for this request, unless it has its ``max_spans`` (or
+        has ended): then the call is counted as dropped."""
+        if self.spans >= max_spans or self.closed:
+            self.spans_dropped += 1
+            return False
+        self.spans += 1
+        self.span_seq += 1
+        return True
+
     def add_interval(self, start_ns: int, end_ns: int) -> None:
         """Count ``[start_ns, end_ns]`` as covered, as a top-level stage's calls are
         (a batch's time for its member requests)."""
@@ -661,21 +671,8 @@ class StageRecorder:
             if span and (
                 captured.recording or (binding.root_spans and not captured.span_context.is_valid)
             ):
-                span_attributes = {semconv.INFERENCE_STAGE: name}
-                if captured.parent is not None:
-                    span_attributes[semconv.INFERENCE_STAGE_PARENT] = captured.parent
-                if captured.cold:
-                    span_attributes[semconv.INFERENCE_COLD_START] = True
-                if attributes:
-                    span_attributes.update(attributes)
-                start_wall_ns = time_ns() - (perf_counter_ns() - start_ns)
-                new_span = binding.tracer.start_span(
-                    name,
-                    context=captured.context,
-                    kind=SpanKind.INTERNAL,
-                    attributes=span_attributes,
-                    links=links,
-                    start_time=start_wall_ns,
+                start_wall_ns, new_span = _start_interval_span(
+                    binding, name, captured, attributes, links, start_ns
                 )
                 if new_span.is_recording():
                     span_context = new_span.get_span_context()
@@ -721,33 +718,14 @@ class StageRecorder:
             if error_type is not None:
                 metric_attributes = {**metric_attributes, semconv.ERROR_TYPE: error_type}
             binding.call_duration.record(duration_ns / 1e9, metric_attributes)
-        if not (span and captured.recording):
+        if not (span and captured.recording) or not account.take_span(binding.max_spans):
             return None
-        if account.spans >= binding.max_spans:
-            account.spans_dropped += 1
-            return None
-        account.spans += 1
-        account.span_seq += 1
-        span_attributes: dict[str, Any] = {semconv.INFERENCE_STAGE: name}
-        if captured.parent is not None:
-            span_attributes[semconv.INFERENCE_STAGE_PARENT] = captured.parent
-        if captured.cold:
-            span_attributes[semconv.INFERENCE_COLD_START] = True
-        if attributes:
-            span_attributes.update(attributes)
-        start_wall_ns = _wall_of(start_ns)
-        new_span = binding.tracer.start_span(
-            name,
-            context=captured.context,
-            kind=SpanKind.INTERNAL,
-            attributes=span_attributes,
-            links=links,
-            start_time=start_wall_ns,
+        start_wall_ns, new_span = _start_interval_span(
+            binding, name, captured, attributes, links, start_ns
         )
         if exc is not None and new_span.is_recording():
             _mark_error(new_span, exc, binding.exception_messages)
-        previous = tally.held
-        tally.held = HeldSpan(
+        held = HeldSpan(
             new_span,
             start_ns,
             end_ns,
@@ -756,8 +734,7 @@ class StageRecorder:
             captured.context,
             account.span_seq,
         )
-        if previous is not None:
-            _end_held(previous, None, False)
+        _hold(tally, held)
         return new_span.get_span_context() if new_span.is_recording() else None
 
     def start_batch(
@@ -974,12 +951,8 @@ class StageScope(_Scope):
             return
         if not trace.get_current_span(context).is_recording():
             return
-        if account.spans >= binding.max_spans or account.closed:
-            account.spans_dropped += 1
-            return
-        account.spans += 1
-        account.span_seq += 1
-        self._open_span(binding, context)
+        if account.take_span(binding.max_spans):
+            self._open_span(binding, context)
 
     def _enter_alone(self, binding: _Binding, parent: str | None) -> None:
         """Outside any request (or inside a batch): a single call with its own span."""
@@ -1199,11 +1172,8 @@ class StageScope(_Scope):
                 joined.join(start_ns, end_ns)
                 return
             # Failing, slow or over budget: never hidden in a compressed span.
-            if account.spans >= binding.max_spans:
-                account.spans_dropped += 1
+            if not account.take_span(binding.max_spans):
                 return
-            account.spans += 1
-            account.span_seq += 1
             self._open_span(binding, self._outer_context, _wall_of(start_ns))
         span = self._span
         if span is None:
@@ -1214,8 +1184,7 @@ class StageScope(_Scope):
             if exc is not None:
                 _mark_error(span, exc, binding.exception_messages)
         end_wall_ns = self._start_wall_ns + duration_ns if end_time_ns is None else end_time_ns
-        previous = tally.held
-        tally.held = HeldSpan(
+        held = HeldSpan(
             span,
             start_ns,
             end_ns,
@@ -1224,8 +1193,43 @@ class StageScope(_Scope):
             self._outer_context,
             account.span_seq,
         )
-        if previous is not None:
-            _end_held(previous, None, False)
+        _hold(tally, held)
+
+
+def _hold(tally: StageTally, held: HeldSpan) -> None:
+    """Make ``held`` the stage's latest span; the one it replaces ends (no verdict:
+    only the last span of the stage in the request carries it)."""
+    previous, tally.held = tally.held, held
+    if previous is not None:
+        _end_held(previous, None, False)
+
+
+def _start_interval_span(
+    binding: _Binding,
+    name: str,
+    captured: StageContext,
+    attributes: Mapping[str, Any] | None,
+    links: Sequence[Link] | None,
+    start_ns: int,
+) -> tuple[int, Span]:
+    """The span of a stage recorded after the fact, backdated to ``start_ns``."""
+    span_attributes: dict[str, Any] = {semconv.INFERENCE_STAGE: name}
+    if captured.parent is not None:
+        span_attributes[semconv.INFERENCE_STAGE_PARENT] = captured.parent
+    if captured.cold:
+        span_attributes[semconv.INFERENCE_COLD_START] = True
+    if attributes:
+        span_attributes.update(attributes)
+    start_wall_ns = _wall_of(start_ns)
+    span = binding.tracer.start_span(
+        name,
+        context=captured.context,
+        kind=SpanKind.INTERNAL,
+        attributes=span_attributes,
+        links=links,
+        start_time=start_wall_ns,
+    )
+    return start_wall_ns, span
 
 
 def _wall_of(perf_ns: int) -> int:
