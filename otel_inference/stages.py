@@ -925,6 +925,7 @@ class StageScope(_Scope):
             self._binding = None
             self._frame_token = None
             self._account = None
+            self._tally = None
         self._enter_ns = enter_ns
         self._start_ns = perf_counter_ns()
         return self
@@ -1016,23 +1017,26 @@ class StageScope(_Scope):
         if tally is not None and exc is None:
             # The hot path: a successful call in an unsampled request, added to the
             # request's tally (a lock-free append); recorded when the request ends.
-            _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
-            self._frame_token = None
-            account = self._account
-            start_ns = self._start_ns
-            if account.closed:  # type: ignore[union-attr]
-                self.record(end_ns - start_ns)  # its request ended meanwhile: a single call
-                return False
-            intervals = tally.union.intervals
-            intervals.append((start_ns, end_ns))
-            if len(intervals) > _UNSETTLED:
-                tally.union.settle()
-            if self._parent is None:
-                account._instrumentation_ns += (  # type: ignore[union-attr]
-                    start_ns - self._enter_ns + perf_counter_ns() - end_ns
-                )
-            if _GC_PENDING:
-                _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
+            try:
+                _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
+                self._frame_token = None
+                account = self._account
+                start_ns = self._start_ns
+                if account.closed:  # type: ignore[union-attr]
+                    self.record(end_ns - start_ns)  # its request ended: a single call
+                    return False
+                intervals = tally.union.intervals
+                intervals.append((start_ns, end_ns))
+                if len(intervals) > _UNSETTLED:
+                    tally.union.settle()
+                if self._parent is None:
+                    account._instrumentation_ns += (  # type: ignore[union-attr]
+                        start_ns - self._enter_ns + perf_counter_ns() - end_ns
+                    )
+                if _GC_PENDING:
+                    _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
+            except Exception:  # never break the host application
+                log_once("stage-exit", "otel-inference: failed to close stage", level=logging.ERROR)
             return False
         self.exit_context()
         self.record(end_ns - self._start_ns, exc)
