@@ -39,8 +39,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 LOCALHOST = "127.0.0.1"
-BUDGETS = "feature_hydration=5ms,queue_wait=100ms,tokenize=5ms,model_forward=150ms,serialize=2ms"
-STAGE_ORDER = ("parse", "feature_hydration", "queue_wait", "tokenize", "model_forward", "serialize")
+BUDGETS = (
+    "feature_hydration=5ms,queue_wait=100ms,batch=150ms,tokenize=5ms,model_forward=100ms,"
+    "serialize=2ms"
+)
+STAGE_ORDER = (
+    "parse",
+    "feature_hydration",
+    "queue_wait",
+    "batch",
+    "tokenize",
+    "model_forward",
+    "serialize",
+)
 
 
 class DemoError(RuntimeError):

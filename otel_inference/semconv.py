@@ -68,6 +68,9 @@ STAGES = (
     POSTPROCESS,
     SERIALIZE,
 )
+# The dynamic batcher's shared work (otel_inference.batching): one span per batch,
+# named apart from the stages nested in it (tokenize, model_forward, ...).
+BATCH = "batch"
 # Pseudo-stages recorded by request(): the whole request, and the part of it
 # that no top-level stage covers.
 REQUEST = "request"
