@@ -64,7 +64,7 @@ def test_table_json_and_html(spans_file, tmp_path):
     data = json.loads(as_json.stdout)
     rows = {row["label"]: row for row in data["rows"]}
     assert rows["queue_wait"]["budget"] == 0.020 and rows["queue_wait"]["status"] == "over"
-    assert rows["model_forward"]["count"] == 24
+    assert rows["model_forward"]["count"] == 20 and rows["batch"]["count"] == 4
 
     page = tmp_path / "report.html"
     html = run("report", "--spans", str(spans_file), "--format", "html", "--output", str(page))

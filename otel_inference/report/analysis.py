@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from otel_inference import semconv
+from otel_inference.report._budgets import choose_budgets, learnt_budgets
 from otel_inference.report._model import (
     Report,
     ReportError,
@@ -48,6 +49,8 @@ from otel_inference.report._stats import (
     nearest_rank,
     union_length,
 )
+from otel_inference.report.padding import padding_summary
+from otel_inference.report.timeline import slowest_requests, stage_timeline
 from otel_inference.report.verdict import decide
 
 ORDER = (
@@ -56,6 +59,7 @@ ORDER = (
     semconv.FEATURE_HYDRATION,
     semconv.PREPROCESS,
     semconv.TOKENIZE,
+    semconv.BATCH,
     semconv.H2D_TRANSFER,
     semconv.MODEL_FORWARD,
     semconv.D2H_TRANSFER,
@@ -279,15 +283,17 @@ def build_report(
     cost_per_hour: float | None = None,
     exclude_cold_start: bool = False,
     source: str = "spans",
+    default_budgets: Mapping[str, float] | None = None,
 ) -> Report:
     """The per-stage report of ``spans`` (see the module docstring for the rules).
 
-    ``budgets``: stage -> seconds. ``cost_per_hour``: dollars per hour of the
+    Budgets (stage -> seconds): ``budgets`` (explicit, ``--budgets``) override
+    those the spans carry (``inference.budget``), which override
+    ``default_budgets`` (the report's own environment). ``cost_per_hour``: dollars per hour of the
     serving machine; a request's cost in a stage is its time there (its share,
     for batch-shared work) x ``cost_per_hour`` / 3600. Raises
     :class:`ReportError` when no span is a stage, or no request holds one.
     """
-    budgets = budgets or {}
     index = _Index(spans)
     stage_spans = [span for span in index.spans.values() if _stage_of(span) is not None]
     if not stage_spans:
@@ -305,6 +311,14 @@ def build_report(
             f"(it carries {semconv.INFERENCE_UNATTRIBUTED!r}) or a SERVER span with stages "
             "under it"
         )
+    budget_notes: list[str] = []
+    chosen = choose_budgets(
+        explicit=budgets,
+        telemetry=_span_budgets(index, budget_notes, {*(budgets or {}), *(default_budgets or {})}),
+        environment=default_budgets,
+        notes=budget_notes,
+    )
+    notes.extend(budget_notes)
     obs = observations(index)
     owned = {o.span.key for o in obs}
     outside = sum(1 for span in stage_spans if span.key not in owned)
@@ -331,7 +345,63 @@ def build_report(
             raise ReportError(
                 f"all {len(cold)} requests are cold starts: nothing is left without them"
             )
-    return _summarise(index, obs, budgets, cost_per_hour, source, notes)
+    report = _summarise(
+        index,
+        obs,
+        {stage: value for stage, (value, _) in chosen.items()},
+        cost_per_hour,
+        source,
+        notes,
+    )
+    _add_views(report, index, obs, chosen)
+    return report
+
+
+def _span_budgets(index: _Index, notes: list[str], given: set[str]) -> dict[str, float]:
+    """The budgets the spans carry (``inference.budget``, seconds): stage spans,
+    and ``request()`` spans for ``request``; notes on disagreement, and on spans
+    judged against a budget (``inference.budget.exceeded``) that do not say it."""
+    values: dict[str, list[float]] = defaultdict(list)
+    unsaid: set[str] = set()
+    for span in index.spans.values():
+        stage = _stage_of(span)
+        if stage is None and semconv.INFERENCE_UNATTRIBUTED in span.attributes:
+            stage = semconv.REQUEST
+        if stage is None:
+            continue
+        value = span.attributes.get(semconv.INFERENCE_BUDGET)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            values[stage].append(float(value))
+        elif semconv.INFERENCE_BUDGET_EXCEEDED in span.attributes:
+            unsaid.add(stage)
+    learnt, disagreements = learnt_budgets(values, what="spans")
+    notes.extend(disagreements)
+    unsaid -= {*learnt, *given}
+    if unsaid:
+        notes.append(
+            f"spans of {', '.join(sorted(unsaid))} were judged against a budget "
+            f"({semconv.INFERENCE_BUDGET_EXCEEDED}) without carrying it "
+            f"({semconv.INFERENCE_BUDGET}): pass --budgets to see it"
+        )
+    return learnt
+
+
+def _add_views(
+    report: Report,
+    index: _Index,
+    obs: list[Observation],
+    budgets: Mapping[str, tuple[float, str]],
+) -> None:
+    """What the rows do not hold: where each budget came from, padding waste, the
+    timeline and the slowest requests' waterfalls."""
+    for row in report.rows:
+        if row.budget is not None and row.stage in budgets:
+            row.budget_source = budgets[row.stage][1]
+    rate = None if report.cost_per_hour is None else report.cost_per_hour / _SECONDS_PER_HOUR
+    unique = {o.span.key: o.span for o in obs}
+    report.padding = padding_summary(unique.values(), requests=report.requests, rate=rate)
+    report.timeline = stage_timeline(index.requests, obs)
+    report.slowest = slowest_requests(index, obs)
 
 
 def _summarise(

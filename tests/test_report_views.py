@@ -1,0 +1,266 @@
+"""Issue 19's report additions on spans with known layouts: budgets learnt from the
+telemetry, the padding line, per-stage p95 over time and the waterfalls of the
+slowest requests (span file and Jaeger alike). Every expected figure is worked
+out by hand from the layout (``tests/apps/report_spans.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from otel_inference.report import build_report, load_jaeger, load_spans_file, render_table
+from otel_inference.report.render import render_json
+from tests.apps.report_spans import GAP, SERVICE, SpanWriter, Step, jaeger_payload
+from tests.test_report_jaeger import FakeJaeger
+
+EXACT = {"rel": 1e-12, "abs": 1e-15}
+DOLLARS_PER_SECOND = 0.001  # --cost-per-hour 3.6
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> SpanWriter:
+    return SpanWriter(tmp_path / "spans.jsonl")
+
+
+def report_of(writer: SpanWriter, **options):
+    return build_report(load_spans_file(writer.close()), **options)
+
+
+# --- budgets from the telemetry ---------------------------------------------------------
+
+
+def budgeted(wait: float, budget: float = 0.020) -> Step:
+    # As the recorder writes it: the budget, and the verdict on this span.
+    return Step(
+        "queue_wait",
+        wait,
+        {"inference.budget": budget, "inference.budget.exceeded": wait / 1000 > budget},
+    )
+
+
+def test_budgets_come_from_the_spans(writer):
+    for wait in [*range(1, 19), 40, 60]:
+        writer.request(
+            [budgeted(wait), Step("model_forward", 10, {"inference.budget": 0.014})],
+            attributes={"inference.budget": 0.100},  # request(): the request budget
+        )
+    path = writer.close()
+    report = build_report(load_spans_file(path))
+    queue, forward = report.row("queue_wait"), report.row("model_forward")
+    # p95 of the waits is the 19th smallest, 40 ms: over the 20 ms the spans carry.
+    assert (queue.budget, queue.status, queue.budget_source) == (0.020, "over", "telemetry")
+    assert (forward.budget, forward.status, forward.budget_source) == (0.014, "ok", "telemetry")
+    assert (report.row("request").budget, report.row("request").status) == (0.100, "ok")
+    assert report.row("unattributed").budget is None
+    assert not [n for n in report.notes if "budget" in n]
+
+    # Explicit budgets override the telemetry's (and say so); the environment's only
+    # fill in stages the telemetry has no budget for.
+    report = build_report(
+        load_spans_file(path),
+        budgets={"queue_wait": 0.050},
+        default_budgets={"model_forward": 0.005, "serialize": 0.001, "unattributed": 0.002},
+    )
+    queue, forward = report.row("queue_wait"), report.row("model_forward")
+    assert (queue.budget, queue.status, queue.budget_source) == (0.050, "ok", "explicit")
+    assert (forward.budget, forward.budget_source) == (0.014, "telemetry")
+    gap = report.row("unattributed")
+    assert (gap.budget, gap.status, gap.budget_source) == (0.002, "ok", "environment")
+    assert "queue_wait: budget 50 ms as given, overriding the telemetry's 20 ms" in report.notes
+    assert (
+        "model_forward: budget 14 ms from the telemetry, not the environment's 5 ms" in report.notes
+    )
+
+
+def test_disagreeing_budgets_are_reported(writer):
+    # Two replicas ran with other budgets: 18 spans say 20 ms, 2 say 30 ms.
+    for index, wait in enumerate([*range(1, 19), 40, 60]):
+        writer.request([budgeted(wait, 0.030 if index < 2 else 0.020), ("model_forward", 10)])
+    report = report_of(writer)
+    assert report.row("queue_wait").budget == 0.020  # the most frequent
+    (note,) = [n for n in report.notes if "disagree" in n]
+    assert note == (
+        "budgets disagree for queue_wait in the telemetry: 20 ms (18 spans), 30 ms (2 spans); "
+        "using 20 ms, the most frequent (--budgets chooses)"
+    )
+    assert "Note: budgets disagree for queue_wait" in render_table(report)
+
+
+def test_breach_flags_without_the_budget_value_are_said(writer):
+    # Spans of an otel-inference that flags breaches but does not record the value.
+    for wait in (5, 30):
+        writer.request([Step("queue_wait", wait, {"inference.budget.exceeded": wait > 20})])
+    path = writer.close()
+    report = build_report(load_spans_file(path))
+    assert report.row("queue_wait").budget is None
+    assert any(
+        n.startswith("spans of queue_wait were judged against a budget") for n in report.notes
+    )
+    # Given a budget, nothing is missing.
+    report = build_report(load_spans_file(path), budgets={"queue_wait": 0.020})
+    assert not any("judged against a budget" in n for n in report.notes)
+
+
+# --- padding ------------------------------------------------------------------------------
+
+
+def tokens(real: int, padded: int) -> dict[str, int]:
+    return {"inference.tokens.real": real, "inference.tokens.padded": padded}
+
+
+def test_padding_in_batches(writer):
+    # The demo's layout: tokenize and the module's model_forward nested in each batch.
+    writer.batch(
+        [4, 3, 2, 1],
+        forward_ms=20,
+        nested=[("tokenize", 0, 2, tokens(454, 2208)), ("model_forward", 3, 12, {})],
+    )
+    writer.batch(
+        [4, 3, 2, 1],
+        forward_ms=10,
+        nested=[("tokenize", 0, 1, tokens(100, 100)), ("model_forward", 1, 8, {})],
+    )
+    report = report_of(writer, cost_per_hour=3.6)
+    padding = report.padding
+    assert (padding.real_tokens, padding.padded_tokens, padding.tokenize_calls) == (554, 2308, 2)
+    assert padding.waste == pytest.approx(1754 / 2308, **EXACT)
+    # 12 ms of forward on 2208 positions of which 1754 are padding; 8 ms on none.
+    wasted = 0.012 * 1754 / 2208
+    assert padding.forward_seconds == pytest.approx(0.020, **EXACT)
+    assert padding.padding_seconds == pytest.approx(wasted, **EXACT)
+    assert padding.forward_share == pytest.approx(wasted / 0.020, **EXACT)
+    assert padding.seconds_per_request == pytest.approx(wasted / 8, **EXACT)
+    assert padding.cost_per_request == pytest.approx(wasted / 8 * DOLLARS_PER_SECOND, **EXACT)
+    assert "length bucketing" in padding.advice and padding.advice.startswith("76% ")
+
+    table = render_table(report)
+    assert (
+        "Padding: 554 real of 2,308 token positions (2 tokenize call(s)): 76.0% padding; "
+        "about 47.7% of model_forward time, 1.19 ms per request, $1.19 per 1M requests."
+    ) in table
+    assert "         76% of the token positions the model computes are padding" in table
+    # The nested rows are named for what they are: no "model_forward (in model_forward)".
+    assert [r.label for r in report.rows if r.kind == "nested"] == [
+        "tokenize (in batch)",
+        "model_forward (in batch)",
+    ]
+    data = json.loads(render_json(report))
+    assert data["padding"]["real_tokens"] == 554
+    assert data["padding"]["forward_share"] == pytest.approx(wasted / 0.020)
+
+
+def test_little_padding_gives_no_advice_and_no_tokens_no_line(writer, tmp_path):
+    for _ in range(4):
+        writer.request(
+            [Step("tokenize", 2, tokens(30, 32)), ("model_forward", 10), (GAP, 1)],
+        )
+    report = report_of(writer)
+    padding = report.padding
+    assert padding.waste == pytest.approx(2 / 32, **EXACT)
+    assert padding.forward_share == pytest.approx(2 / 32, **EXACT)  # paired in each request
+    assert padding.seconds_per_request == pytest.approx(0.010 * 2 / 32, **EXACT)
+    assert padding.advice is None and padding.cost_per_request is None
+
+    plain = SpanWriter(tmp_path / "plain.jsonl")
+    plain.request([("tokenize", 2), ("model_forward", 10)])
+    report = report_of(plain)
+    assert report.padding is None and "Padding:" not in render_table(report)
+
+
+def test_padding_without_a_forward_beside_it(writer):
+    # Tokenised in the request, run in a batch: the tokens feed no forward we can pair.
+    for _ in range(2):
+        writer.request([Step("tokenize", 1, tokens(10, 40)), ("batch", 5)])
+    report = report_of(writer)
+    assert report.padding.waste == 0.75 and report.padding.forward_seconds is None
+    assert "no model_forward span beside the tokenize spans, so no time share" in render_table(
+        report
+    )
+
+
+# --- p95 over time and the slowest requests ---------------------------------------------
+
+
+def steady_then_burst(writer: SpanWriter) -> None:
+    """10 steady requests (queue 2 ms), then 10 in a burst (queue 100 ms). Requests
+    start 1 s after the previous one ended: steady request k at k x 1.012 s, burst
+    request j at 10.12 + j x 1.11 s."""
+    for _ in range(10):
+        writer.request([("queue_wait", 2), ("model_forward", 10)])
+    for _ in range(10):
+        writer.request([("queue_wait", 100), ("model_forward", 10)])
+
+
+def test_p95_over_time_shows_the_burst_as_a_step(writer):
+    steady_then_burst(writer)
+    timeline = report_of(writer).timeline
+    # The last start is 20.11 s after the first: 1 s bins (0.5 s would need 41).
+    assert timeline.bin_seconds == 1.0 and len(timeline.requests) == 21
+    # Steady k in bin k; burst j at 10.12 + 1.11 j s: bins 10..17, 19, 20 (18 is empty).
+    assert timeline.requests == [1] * 18 + [0, 1, 1]
+    assert timeline.p95["queue_wait"] == [0.002] * 10 + [0.100] * 8 + [None, 0.100, 0.100]
+    assert timeline.p95["model_forward"] == [0.010] * 18 + [None, 0.010, 0.010]
+    assert timeline.p95["request"] == [0.012] * 10 + [0.110] * 8 + [None, 0.110, 0.110]
+
+
+def waterfall_spans(writer: SpanWriter) -> None:
+    writer.batch(
+        [30, 10, 5, 1],
+        forward_ms=20,
+        after_ms=1,
+        nested=[("tokenize", 0, 2, tokens(40, 64)), ("model_forward", 3, 15, {})],
+    )
+    # The slowest: 81 ms, held 12 ms by a GC pause that ended 50 ms in.
+    writer.request([("queue_wait", 1), ("model_forward", 80)], gc_pauses=[(50, 12)])
+    for _ in range(3):
+        writer.request([("queue_wait", 1), ("model_forward", 5)])
+
+
+def test_slowest_requests_as_waterfalls(writer):
+    waterfall_spans(writer)
+    slowest = report_of(writer).slowest
+    assert [round(w.duration * 1000, 6) for w in slowest] == [81, 51, 31, 26, 22]
+    first = slowest[0]
+    assert [(b.stage, b.start, b.duration, b.depth) for b in first.bars] == [
+        ("queue_wait", 0.0, 0.001, 0),
+        ("model_forward", 0.001, 0.080, 0),
+    ]
+    assert first.held == [("gc.pause", pytest.approx(0.038, **EXACT), 0.012)]
+    # The batch's first member (waited 30 ms): the batch and its nested stages.
+    member = slowest[1]
+    bars = [(b.stage, round(b.start * 1000, 6), round(b.duration * 1000, 6), b.depth, b.parent)
+            for b in member.bars]  # fmt: skip
+    assert bars == [
+        ("queue_wait", 0, 30, 0, None),
+        ("batch", 30, 20, 0, None),
+        ("tokenize", 30, 2, 1, "batch"),
+        ("model_forward", 33, 15, 1, "batch"),
+        ("serialize", 50, 1, 0, None),
+    ]
+    batch = member.bars[1]
+    assert (batch.batch_size, batch.batcher) == (4, "encoder") and batch.batch_id
+    # Another member shows the same batch, with its nested stages, on its own axis.
+    other = slowest[2]  # waited 10 ms
+    assert [(b.stage, round(b.start * 1000, 6), b.depth) for b in other.bars[1:4]] == [
+        ("batch", 10, 0),
+        ("tokenize", 10, 1),
+        ("model_forward", 13, 1),
+    ]
+    assert other.bars[1].batch_id == batch.batch_id
+    assert member.held == []
+
+
+def test_jaeger_gives_the_same_views(writer):
+    for wait in (2, 3, 100):
+        writer.request([("queue_wait", wait), ("model_forward", 10)])
+    waterfall_spans(writer)
+    from_file = report_of(writer)
+    with FakeJaeger(jaeger_payload(writer.spans())) as jaeger:
+        from_jaeger = build_report(load_jaeger(jaeger.url, service=SERVICE))
+    assert from_jaeger.timeline == from_file.timeline
+    assert from_jaeger.slowest == from_file.slowest
+    assert [w.duration for w in from_jaeger.slowest] == [0.110, 0.081, 0.051, 0.031, 0.026]
+    assert from_jaeger.slowest[1].held == [("gc.pause", pytest.approx(0.038, **EXACT), 0.012)]
+    assert from_jaeger.padding == from_file.padding
