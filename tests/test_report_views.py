@@ -6,13 +6,17 @@ out by hand from the layout (``tests/apps/report_spans.py``)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from otel_inference.report import build_report, load_jaeger, load_spans_file, render_table
+from otel_inference.report import build_report, html, load_jaeger, load_spans_file, render_table
 from otel_inference.report.render import render_json
 from tests.apps.report_spans import GAP, SERVICE, SpanWriter, Step, jaeger_payload
+from tests.servers import require_binary
+from tests.test_report_cli import png_pixels, run
 from tests.test_report_jaeger import FakeJaeger
 
 EXACT = {"rel": 1e-12, "abs": 1e-15}
@@ -138,7 +142,8 @@ def test_padding_in_batches(writer):
     table = render_table(report)
     assert (
         "Padding: 554 real of 2,308 token positions (2 tokenize call(s)): 76.0% padding; "
-        "about 47.7% of model_forward time, 1.19 ms per request, $1.19 per 1M requests."
+        "about 47.7% of the time of the model_forward calls they fed, 1.19 ms per request, "
+        "$1.19 per 1M requests."
     ) in table
     assert "         76% of the token positions the model computes are padding" in table
     # The nested rows are named for what they are: no "model_forward (in model_forward)".
@@ -175,7 +180,7 @@ def test_padding_without_a_forward_beside_it(writer):
         writer.request([Step("tokenize", 1, tokens(10, 40)), ("batch", 5)])
     report = report_of(writer)
     assert report.padding.waste == 0.75 and report.padding.forward_seconds is None
-    assert "no model_forward span beside the tokenize spans, so no time share" in render_table(
+    assert "no time share: it needs model_forward spans beside the tokenize spans" in render_table(
         report
     )
 
@@ -264,3 +269,96 @@ def test_jaeger_gives_the_same_views(writer):
     assert [w.duration for w in from_jaeger.slowest] == [0.110, 0.081, 0.051, 0.031, 0.026]
     assert from_jaeger.slowest[1].held == [("gc.pause", pytest.approx(0.038, **EXACT), 0.012)]
     assert from_jaeger.padding == from_file.padding
+
+
+# --- the HTML page, rendered by headless Chromium ---------------------------------------
+
+
+def screenshot(spans: Path, tmp_path: Path, name: str) -> np.ndarray:
+    chromium = require_binary("chromium")
+    page = tmp_path / f"{name}.html"
+    made = run("report", "--spans", str(spans), "--format", "html", "--output", str(page))
+    assert made.returncode == 0, made.stderr
+    text = page.read_text(encoding="utf-8")
+    for fetch in ("<script", "<link", "<img", "src=", "url(", "@import", "http://", "https://"):
+        assert fetch not in text, fetch  # self-contained: inline SVG only
+    shot = tmp_path / f"{name}.png"
+    result = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2600",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shot.exists(), result.stderr[-2000:]
+    width, height, rows = png_pixels(shot)
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(height, width, 3)
+
+
+def hex_rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def find(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: int = 3):
+    """(x, y) of every pixel within ``tolerance`` of ``colour``."""
+    near = np.all(np.abs(pixels.astype(np.int16) - colour) <= tolerance, axis=2)
+    return [(int(x), int(y)) for y, x in np.argwhere(near)]
+
+
+def box(points):
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def test_html_timeline_and_waterfalls_in_headless_chromium(tmp_path):
+    # p95 over time: the burst is a step of the queue_wait line (the first stage's colour).
+    burst = SpanWriter(tmp_path / "burst.jsonl")
+    steady_then_burst(burst)
+    rows = screenshot(burst.close(), tmp_path, "burst")
+    x0, y0, x1, y1 = box(find(rows, hex_rgb(html.TIMELINE_BACKGROUND), 0))
+    assert x1 - x0 > 800 and y1 - y0 > 250  # the chart's panel
+    line = [
+        (x, y) for x, y in find(rows, hex_rgb(html.PALETTE[0])) if x0 <= x <= x1 and y0 <= y <= y1
+    ]
+    steady = [y for x, y in line if x < x0 + 0.4 * (x1 - x0)]
+    bursting = [y for x, y in line if x > x0 + 0.6 * (x1 - x0)]
+    assert steady and bursting
+    # 2 ms against 100 ms on a 110 ms scale: the burst's line is far higher up.
+    assert sum(steady) / len(steady) - sum(bursting) / len(bursting) > 0.5 * (y1 - y0)
+
+    # Waterfalls: the GC pause is a red band; the batch's bars are drawn.
+    slow = SpanWriter(tmp_path / "slow.jsonl")
+    waterfall_spans(slow)
+    rows = screenshot(slow.close(), tmp_path, "slow")
+    panels = find(rows, hex_rgb(html.WATERFALL_BACKGROUND), 0)
+    assert panels
+    px0, py0, px1, py1 = box(panels)
+    band = [  # HELD_COLOUR at 55% over the panel's background
+        round(0.55 * h + 0.45 * b)
+        for h, b in zip(hex_rgb(html.HELD_COLOUR), hex_rgb(html.WATERFALL_BACKGROUND), strict=True)
+    ]
+    held = [(x, y) for x, y in find(rows, tuple(band)) if px0 <= x <= px1 and py0 <= y <= py1]
+    # 12 ms of 81 ms on a 640 px axis (~95 px wide), over the first request's panel.
+    hx0, _, hx1, _ = box(held)
+    assert 80 <= hx1 - hx0 + 1 <= 100, (hx0, hx1)
+    batch_colour = hex_rgb(html.PALETTE[1])  # the second top-level stage: batch
+    assert [r.stage for r in build_report(load_spans_file(slow.path)).rows][:2] == [
+        "queue_wait",
+        "batch",
+    ]
+    bars = [(x, y) for x, y in find(rows, batch_colour) if px0 <= x <= px1 and py0 <= y <= py1]
+    # The batch's 20 ms (~158 px at 81 ms = 640 px) in each of its 4 members' panels.
+    assert len({y // 60 for _, y in bars}) >= 4 and len(bars) > 4 * 150 * 8

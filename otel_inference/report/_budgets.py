@@ -14,7 +14,7 @@ Usage::
 
     from otel_inference.report._budgets import choose_budgets, learnt_budgets
 
-    learnt, notes = learnt_budgets({"tokenize": [0.005, 0.005]}, what="spans")
+    learnt, notes = learnt_budgets({"tokenize": [0.005, 0.005]}, what="span")
     chosen = choose_budgets(explicit={}, telemetry=learnt, environment={}, notes=notes)
     chosen["tokenize"]  # (0.005, "telemetry")
 """
@@ -36,7 +36,7 @@ def _ms(seconds: float) -> str:
 def learnt_budgets(
     values: Mapping[str, Iterable[float]], *, what: str
 ) -> tuple[dict[str, float], list[str]]:
-    """One budget per stage from every value ``what`` (``spans``, ``series``) holds,
+    """One budget per stage from every value a ``what`` (``span``, ``series``) holds,
     and a note for each stage whose values disagree."""
     budgets: dict[str, float] = {}
     notes: list[str] = []
@@ -47,12 +47,15 @@ def learnt_budgets(
         chosen = min(counts, key=lambda v: (-counts[v], v))
         budgets[stage] = chosen
         if len(counts) > 1:
+            tie = sorted(counts.values())[-2] == counts[chosen]
             listed = ", ".join(
-                f"{_ms(v)} ({counts[v]} {what})" for v in sorted(counts, key=lambda v: -counts[v])
+                f"{_ms(v)} ({counts[v]} {what if counts[v] == 1 or what.endswith('s') else what + 's'})"
+                for v in sorted(counts, key=lambda v: (-counts[v], v))
             )
             notes.append(
                 f"budgets disagree for {stage} in the telemetry: {listed}; using "
-                f"{_ms(chosen)}, the most frequent (--budgets chooses)"
+                f"{_ms(chosen)}, the most frequent{' (a tie: the smallest)' if tie else ''} "
+                "(--budgets chooses)"
             )
     return budgets, notes
 

@@ -374,7 +374,7 @@ def _span_budgets(index: _Index, notes: list[str], given: set[str]) -> dict[str,
             values[stage].append(float(value))
         elif semconv.INFERENCE_BUDGET_EXCEEDED in span.attributes:
             unsaid.add(stage)
-    learnt, disagreements = learnt_budgets(values, what="spans")
+    learnt, disagreements = learnt_budgets(values, what="span")
     notes.extend(disagreements)
     unsaid -= {*learnt, *given}
     if unsaid:

@@ -273,7 +273,7 @@ def _timeline_chart(report: Report, colours: dict[str, str]) -> str:
         items.append(
             f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
             f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">'
-            f"{escape(fmt_ms(top * fraction))} ms</text>"
+            f"{escape(fmt_ms(top * fraction) if fraction else '0')} ms</text>"
         )
     for stage in series:
         colour = REQUEST_LINE if stage == "request" else colours.get(stage, "#555")
@@ -344,10 +344,10 @@ def _waterfalls(report: Report, colours: dict[str, str]) -> str:
             w = max(1.5, bar.duration / scale * plot_w)
             label = bar.stage
             if bar.batch_id is not None:
-                label += f" [batch {batches[bar.batch_id]} of {bar.batch_size}]"
+                label += f" {batches[bar.batch_id]} of {bar.batch_size}"
+                if bar.batcher:
+                    label += f" ({bar.batcher})"
             info = _seconds(bar.duration)
-            if bar.batcher:
-                info += f", batcher {bar.batcher}"
             opacity = 0.7 if bar.depth else 1.0
             items.append(
                 f'<text x="{4 + 16 * (bar.depth + 1)}" y="{y + row_h - 7}">{escape(label)}</text>'
@@ -366,9 +366,12 @@ def _waterfalls(report: Report, colours: dict[str, str]) -> str:
                 "</title></rect>"
             )
         held = sum(d for _, _, d in waterfall.held)
-        caption = f"{number}. trace {waterfall.trace_id[:12]}…, {_seconds(waterfall.duration)}" + (
-            f"; held {_seconds(held)} by {len(waterfall.held)} GC pause(s)" if held else ""
-        )
+        at = ""
+        if report.timeline is not None:
+            at = f" at {_seconds((waterfall.start_ns - report.timeline.start_ns) / 1e9)}"
+        caption = f"{number}. {_seconds(waterfall.duration)}{at} (trace {waterfall.trace_id[:12]}…)"
+        if held:
+            caption += f"; held {_seconds(held)} by {len(waterfall.held)} GC pause(s)"
         blocks.append(
             f'<p class="meta">{escape(caption)}</p>'
             f'<svg role="img" aria-label="waterfall of request {number}" width="{width}" '
@@ -377,7 +380,7 @@ def _waterfalls(report: Report, colours: dict[str, str]) -> str:
     return (
         "<h2>The slowest requests</h2>"
         '<p class="meta">Each request\'s stages on its time axis (one scale for all), nested '
-        "stages indented; [batch #n of N]: the batch the request shared with N requests (the "
-        "same #n is the same batch); red bands: GC pauses while the request was in flight.</p>"
-        + "".join(blocks)
+        "stages indented; batch #n of N: the batch the request shared with N requests (the same "
+        "#n is the same batch); red bands: GC pauses while the request was in flight. Times "
+        "after the first request's start, as on the chart above.</p>" + "".join(blocks)
     )

@@ -82,11 +82,33 @@ def padding_summary(
         result.seconds_per_request = wasted / requests if requests else None
         if rate is not None and requests:
             result.cost_per_request = wasted * rate / requests
-    if result.waste is not None and result.waste >= LARGE_WASTE:
-        result.advice = (
-            f"{result.waste:.0%} of the token positions the model computes are padding: "
-            "batch by length (length bucketing: group requests of similar token length, "
-            "or sort each batch's texts by length before padding) so that a batch pads "
-            "to its own longest text, not to the longest of a mixed batch."
-        )
+    result.advice = padding_advice(result.waste)
     return result
+
+
+def padding_advice(waste: float | None) -> str | None:
+    """The verdict sentence on padding, when the waste is large."""
+    if waste is None or waste < LARGE_WASTE:
+        return None
+    return (
+        f"{waste:.0%} of the token positions the model computes are padding: "
+        "batch by length (length bucketing: group requests of similar token length, "
+        "or sort each batch's texts by length before padding) so that a batch pads "
+        "to its own longest text, not to the longest of a mixed batch."
+    )
+
+
+def padding_from_counts(real: float, padding: float, calls: int) -> Padding | None:
+    """Padding figures from the ``inference.tokens`` counter (Prometheus): tokens
+    and waste only; the time they imply needs spans (the pairing with forwards)."""
+    real_tokens, padded_tokens = round(real), round(real + padding)
+    if padded_tokens <= 0:
+        return None
+    waste = 1 - real_tokens / padded_tokens
+    return Padding(
+        real_tokens=real_tokens,
+        padded_tokens=padded_tokens,
+        waste=waste,
+        tokenize_calls=calls,
+        advice=padding_advice(waste),
+    )

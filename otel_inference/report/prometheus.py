@@ -29,12 +29,14 @@ from typing import Any
 from otel_inference import semconv
 from otel_inference.report._budgets import choose_budgets, learnt_budgets
 from otel_inference.report._http import base_url, get_json
-from otel_inference.report._model import Report, ReportError, StageRow
+from otel_inference.report._model import Padding, Report, ReportError, StageRow
 from otel_inference.report.analysis import order_key
+from otel_inference.report.padding import padding_from_counts
 from otel_inference.report.verdict import decide
 
 DURATION = "inference_stage_duration_seconds"
 BUDGET = "inference_stage_budget_seconds"
+TOKENS = "inference_tokens_total"
 DEFAULT_WINDOW = "5m"
 _WINDOW = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 _LABEL_VALUE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"')
@@ -156,6 +158,7 @@ def prometheus_report(
     for row in rows:
         if row.budget is not None:
             row.budget_source = chosen[row.stage][1]
+    padding = _padding(client, series, windowed, counts)
     request = next((r for r in rows if r.kind == "request"), None)
     where = f"Prometheus at {client.url}" + (f" ({sel})" if sel else "")
     where += f", last {window}" if windowed else ", since process start"
@@ -169,6 +172,28 @@ def prometheus_report(
             *notes,
             "share of tail and cost need spans (--spans or --jaeger); the verdict weighs p95s",
         ],
+        padding=padding,
+    )
+
+
+def _padding(
+    client: _Client,
+    series: Any,
+    windowed: bool,
+    counts: Mapping[tuple[str, str], float | None],
+) -> Padding | None:
+    """Real vs padding tokens from the ``inference_tokens_total`` counter."""
+    by_kind = {
+        labels.get("inference_token_kind"): value or 0.0
+        for labels, value in client.series(
+            f"sum by (inference_token_kind) ({series(TOKENS, windowed)})"
+        )
+    }
+    calls = sum(round(v or 0) for (stage, _), v in counts.items() if stage == semconv.TOKENIZE)
+    return padding_from_counts(
+        by_kind.get(semconv.TOKEN_KIND_REAL, 0.0),
+        by_kind.get(semconv.TOKEN_KIND_PADDING, 0.0),
+        calls,
     )
 
 

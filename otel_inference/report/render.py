@@ -133,13 +133,13 @@ def padding_lines(padding: Padding | None) -> list[str]:
     )
     if padding.forward_share is not None and padding.seconds_per_request is not None:
         line += (
-            f"; about {fmt_share(padding.forward_share)} of model_forward time, "
-            f"{fmt_ms(padding.seconds_per_request)} ms per request"
+            f"; about {fmt_share(padding.forward_share)} of the time of the model_forward "
+            f"calls they fed, {fmt_ms(padding.seconds_per_request)} ms per request"
         )
         if padding.cost_per_request is not None:
             line += f", {fmt_dollars(padding.cost_per_request * PER_MILLION)} per 1M requests"
     elif padding.forward_seconds is None:
-        line += "; no model_forward span beside the tokenize spans, so no time share"
+        line += "; no time share: it needs model_forward spans beside the tokenize spans"
     lines = [line + "."]
     if padding.advice:
         lines.append("         " + padding.advice)
