@@ -362,3 +362,33 @@ def test_html_timeline_and_waterfalls_in_headless_chromium(tmp_path):
     bars = [(x, y) for x, y in find(rows, batch_colour) if px0 <= x <= px1 and py0 <= y <= py1]
     # The batch's 20 ms (~158 px at 81 ms = 640 px) in each of its 4 members' panels.
     assert len({y // 60 for _, y in bars}) >= 4 and len(bars) > 4 * 150 * 8
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the recorder does not yet put inference.budget on stage spans: one line in "
+    "stages._finish_span (issue 19's note to the lead); remove this mark then",
+)
+def test_budgets_the_recorder_writes_are_read_back(telemetry, tmp_path):
+    from opentelemetry.exporter.otlp.json.file import FileSpanExporter
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from otel_inference import get_recorder, request, stage
+
+    path = tmp_path / "real.jsonl"
+    telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(FileSpanExporter(path)))
+    get_recorder().configure(
+        telemetry.tracer_provider,
+        telemetry.meter_provider,
+        budgets="tokenize=5ms,model_forward=14ms,request=2s",
+    )
+    for _ in range(3):
+        with request(), stage("tokenize"):
+            pass
+    telemetry.tracer_provider.force_flush()
+    report = build_report(load_spans_file(path))
+    assert (report.row("tokenize").budget, report.row("tokenize").budget_source) == (
+        0.005,
+        "telemetry",
+    )
+    assert report.row("request").budget == 2.0
