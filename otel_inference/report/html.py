@@ -1,10 +1,13 @@
 """Render a :class:`~otel_inference.report.Report` as one self-contained HTML page.
 
 Inline CSS and SVG only: no script, font, image or stylesheet is fetched, so
-the file can be mailed, attached to a CI run or opened offline. Two charts:
-the tail's time per stage (a stacked bar of the share of tail latency; from
-Prometheus alone, where there is no share, this chart is left out) and the
-per-stage p50/p95/p99 bars with each budget marked.
+the file can be mailed, attached to a CI run or opened offline. Charts: the
+tail's time per stage (a stacked bar of the share of tail latency; from
+Prometheus alone, where there is no share, this chart is left out), the
+per-stage p50/p95/p99 bars with each budget marked, then (from spans) the
+padding waste, per-stage p95 over time (a burst shows as a step) and
+waterfalls of the slowest requests (nested stages indented, batch membership,
+GC pauses as red bands).
 
 Usage::
 
