@@ -6,7 +6,6 @@ out by hand from the layout (``tests/apps/report_spans.py``)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from otel_inference.report import build_report, html, load_jaeger, load_spans_fi
 from otel_inference.report.render import render_json
 from tests.apps.report_spans import GAP, SERVICE, SpanWriter, Step, jaeger_payload
 from tests.servers import require_binary
-from tests.test_report_cli import png_pixels, run
+from tests.test_report_cli import chromium_screenshot, png_pixels, run
 from tests.test_report_jaeger import FakeJaeger
 
 EXACT = {"rel": 1e-12, "abs": 1e-15}
@@ -282,28 +281,7 @@ def screenshot(spans: Path, tmp_path: Path, name: str) -> np.ndarray:
     text = page.read_text(encoding="utf-8")
     for fetch in ("<script", "<link", "<img", "src=", "url(", "@import", "http://", "https://"):
         assert fetch not in text, fetch  # self-contained: inline SVG only
-    shot = tmp_path / f"{name}.png"
-    result = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}",
-            "--window-size=1200,2600",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert shot.exists(), result.stderr[-2000:]
+    shot = chromium_screenshot(chromium, page, tmp_path / f"{name}.png", (1200, 2600))
     width, height, rows = png_pixels(shot)
     return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(height, width, 3)
 

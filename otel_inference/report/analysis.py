@@ -174,7 +174,7 @@ class _Index:
         return None
 
 
-def _batch_size(span: SpanRecord) -> int | None:
+def batch_size(span: SpanRecord) -> int | None:
     """Members sharing ``span``: a stage span linked to its members (not a member's
     own span, which carries ``inference.batch.share``); ``None`` when not shared."""
     if not span.links or semconv.INFERENCE_BATCH_SHARE in span.attributes:
@@ -203,7 +203,7 @@ def observations(index: _Index) -> list[Observation]:
         for link in span.links if share is not None else ():
             weights.setdefault(link, share)  # type: ignore[arg-type]
     for span in index.spans.values():
-        size = _batch_size(span) if _stage_of(span) is not None else None
+        size = batch_size(span) if _stage_of(span) is not None else None
         if size is not None:
             weights[span.key] = 1.0 / size
 
@@ -220,7 +220,7 @@ def observations(index: _Index) -> list[Observation]:
             request = index.owner(span)
             if request is not None and request != span.key:
                 add(request, span, index.enclosing_stage(span, request, inclusive=False))
-            if _batch_size(span) is not None:
+            if batch_size(span) is not None:
                 for link in span.links:  # a batch span: its members
                     member = index.spans.get(link)
                     request = None if member is None else index.owner(member)

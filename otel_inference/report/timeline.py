@@ -98,13 +98,13 @@ def stage_timeline(
 
 def _batch_of(span: SpanRecord) -> tuple[int, str | None] | None:
     """(size, batcher name) of a span shared by a batch (linked to its members)."""
-    if not span.links or semconv.INFERENCE_BATCH_SHARE in span.attributes:
+    from otel_inference.report.analysis import batch_size  # analysis imports this module
+
+    size = batch_size(span)
+    if size is None:
         return None
-    size = span.attributes.get(semconv.INFERENCE_BATCH_SIZE)
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 1:
-        size = len(span.links)
     name = span.attributes.get(semconv.INFERENCE_BATCHER_NAME)
-    return int(size), name if isinstance(name, str) else None
+    return size, name if isinstance(name, str) else None
 
 
 def slowest_requests(
