@@ -176,7 +176,7 @@ class Padding:
 class Timeline:
     """Per-stage p95 over time: requests binned by their start, ``bin_seconds``
     wide from ``start_ns``; ``p95[stage][i]`` is the nearest-rank p95 of the
-    stage's durations in the requests of bin ``i`` (``None``: none there);
+    stage's per-request times in the requests of bin ``i`` (``None``: none there);
     ``requests[i]``: requests in bin ``i``."""
 
     start_ns: int
@@ -199,6 +199,8 @@ class WaterfallBar:
     batch_id: str | None = None
     batch_size: int | None = None
     batcher: str | None = None
+    calls: int | None = None  # a compressed span: the calls it stands for
+    busy: float | None = None  # ... and their time (s), less than its extent
 
 
 @dataclass

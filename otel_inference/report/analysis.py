@@ -244,6 +244,20 @@ def _compressed_ns(span: SpanRecord) -> int | None:
     return None
 
 
+def spent_ns(spans: Iterable[SpanRecord], request: SpanRecord) -> int:
+    """What ``request`` spent in a stage, given its spans of the stage: the union of
+    the plain spans (clipped to the request) plus the compressed spans' calls' time,
+    as :func:`_summarise` counts a row's per-request value."""
+    plain, busy = [], 0
+    for span in spans:
+        compressed = _compressed_ns(span)
+        if compressed is None:
+            plain.append(clip((span.start_ns, span.end_ns), (request.start_ns, request.end_ns)))
+        else:
+            busy += compressed
+    return union_length(plain) + busy
+
+
 def order_key(stage: str) -> tuple[int, str]:
     return (ORDER.index(stage), "") if stage in ORDER else (len(ORDER), stage)
 

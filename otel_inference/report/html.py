@@ -351,6 +351,8 @@ def _waterfalls(report: Report, colours: dict[str, str]) -> str:
                 if bar.batcher:
                     label += f" ({bar.batcher})"
             info = _seconds(bar.duration)
+            if bar.calls is not None and bar.busy is not None:
+                info = f"{_seconds(bar.busy)} in {bar.calls} calls over {info}"
             opacity = 0.7 if bar.depth else 1.0
             items.append(
                 f'<text x="{4 + 16 * (bar.depth + 1)}" y="{y + row_h - 7}">{escape(label)}</text>'

@@ -46,6 +46,8 @@ def padding_summary(
 ) -> Padding | None:
     """Padding figures of ``spans`` (each stage span once); ``None`` when no
     tokenize span carries token counts. ``rate``: dollars per second."""
+    from otel_inference.report.analysis import _compressed_ns  # analysis imports this module
+
     real: dict[SpanKey | None, int] = defaultdict(int)
     padded: dict[SpanKey | None, int] = defaultdict(int)
     forward_ns: dict[SpanKey | None, int] = defaultdict(int)
@@ -62,7 +64,9 @@ def padding_summary(
             padded[unit] += p
             calls += 1
         elif stage == semconv.MODEL_FORWARD:
-            forward_ns[unit] += span.duration_ns
+            # A compressed span stands for several calls: their time, not its extent.
+            busy = _compressed_ns(span)
+            forward_ns[unit] += span.duration_ns if busy is None else busy
     total_real, total_padded = sum(real.values()), sum(padded.values())
     if not calls or not total_padded:
         return None

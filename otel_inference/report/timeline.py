@@ -2,8 +2,9 @@
 
 * :func:`stage_timeline`: per-stage p95 over time. Requests are binned by their
   start into at most :data:`MAX_BINS` bins of a round width (1 ms ... 1 day);
-  each bin holds the nearest-rank p95 of every top-level stage's durations (the
-  same observations as the report's rows) and of the requests end to end. A
+  each bin holds the nearest-rank p95 of what each of its requests spent in
+  every top-level stage (the values of the report's rows) and of the requests
+  end to end. A
   burst shows as a step.
 * :func:`slowest_requests`: the slowest requests, each as a waterfall: every
   stage span on the request's time axis, nested stages one level deeper (a
@@ -77,14 +78,21 @@ def stage_timeline(
     def bin_of(request: SpanRecord) -> int:
         return (request.start_ns - start) // width_ns
 
+    from otel_inference.report.analysis import spent_ns  # analysis imports this module
+
     values: dict[str, list[list[int]]] = defaultdict(lambda: [[] for _ in range(bins)])
     counts = [0] * bins
     for request in requests.values():
         counts[bin_of(request)] += 1
         values[semconv.REQUEST][bin_of(request)].append(request.duration_ns)
+    # One value per request and stage, as the rows count: what the request spent in it.
+    spans: dict[tuple[SpanKey, str], list[SpanRecord]] = defaultdict(list)
     for o in obs:
         if o.parent is None:
-            values[o.stage][bin_of(requests[o.request])].append(o.span.duration_ns)
+            spans[(o.request, o.stage)].append(o.span)
+    for (key, stage), stage_spans in spans.items():
+        request = requests[key]
+        values[stage][bin_of(request)].append(spent_ns(stage_spans, request))
     return Timeline(
         start_ns=start,
         bin_seconds=width,
@@ -163,6 +171,10 @@ def _add_bar(
             batcher=batch[1] if batch else None,
         )
     )
+    calls = span.attributes.get(semconv.STAGE_CALLS)
+    busy = span.attributes.get(semconv.INFERENCE_STAGE_CALLS_DURATION)
+    if isinstance(calls, int) and calls > 1 and isinstance(busy, (int, float)):
+        bars[-1].calls, bars[-1].busy = calls, float(busy)
     for child in _stage_descendants(span, children):
         _add_bar(bars, child, request, children, depth=depth + 1, parent=str(stage))
 
