@@ -58,6 +58,7 @@ def test_budgets_come_from_the_spans(writer):
     assert (report.row("request").budget, report.row("request").status) == (0.100, "ok")
     assert report.row("unattributed").budget is None
     assert not [n for n in report.notes if "budget" in n]
+    assert '<span title="budget: from the telemetry">20.0</span>' in html.render_html(report)
 
     # Explicit budgets override the telemetry's (and say so); the environment's only
     # fill in stages the telemetry has no budget for.

@@ -168,12 +168,26 @@ def _table_row(row: StageRow, with_cost: bool) -> str:
         fmt_ms(row.p95),
         fmt_ms(row.p99),
         fmt_share(row.tail_share),
-        fmt_ms(row.budget),
+        _budget_cell(row),
         f'<span class="{escape(status)}">{escape(status)}</span>',
     ]
     if with_cost:
         cells.append(escape(fmt_per_million(row.cost_per_request)))
     return f'<tr class="{row.kind}">' + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+
+
+_SOURCES = {
+    "explicit": "given (--budgets)",
+    "telemetry": "from the telemetry",
+    "environment": "from OTEL_INFERENCE_BUDGETS",
+}
+
+
+def _budget_cell(row: StageRow) -> str:
+    """The budget, with where it came from (``--budgets``, the telemetry, the environment)."""
+    if row.budget_source is None:
+        return escape(fmt_ms(row.budget))
+    return f'<span title="budget: {escape(_SOURCES.get(row.budget_source, row.budget_source))}">{escape(fmt_ms(row.budget))}</span>'
 
 
 def render_html(report: Report) -> str:
