@@ -400,3 +400,28 @@ def test_views_count_what_each_request_spent(writer):
     # The forward's time is its calls' time: 3 x 6 ms, a quarter of it on padding.
     assert report.padding.forward_seconds == pytest.approx(0.018, **EXACT)
     assert report.padding.padding_seconds == pytest.approx(0.018 * 10 / 40, **EXACT)
+
+
+def test_cli_reads_budgets_from_the_spans_and_budgets_override(writer):
+    for wait in [*range(1, 19), 40, 60]:
+        writer.request([budgeted(wait), ("model_forward", 10)])
+    path = str(writer.close())
+    env = {"OTEL_INFERENCE_BUDGETS": "queue_wait=1ms,model_forward=50ms"}
+    learnt = run("report", "--spans", path, "--format", "json", env=env)
+    assert learnt.returncode == 0, learnt.stderr
+    rows = {row["label"]: row for row in json.loads(learnt.stdout)["rows"]}
+    assert (rows["queue_wait"]["budget"], rows["queue_wait"]["budget_source"]) == (
+        0.020,
+        "telemetry",
+    )
+    assert (rows["model_forward"]["budget"], rows["model_forward"]["budget_source"]) == (
+        0.050,
+        "environment",
+    )
+    given = run("report", "--spans", path, "--budgets", "queue_wait=45ms", env=env)
+    assert given.returncode == 0, given.stderr
+    assert "Note: queue_wait: budget 45 ms as given, overriding the telemetry's 20 ms" in (
+        given.stdout
+    )
+    (line,) = [line for line in given.stdout.splitlines() if line.startswith("queue_wait")]
+    assert line.split()[6:8] == ["45.0", "ok"]  # budget ms, status: the table as before
