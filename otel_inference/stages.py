@@ -1250,6 +1250,7 @@ def _end_held(held: HeldSpan, budget: float | None, exceeded: bool) -> None:
             span.set_attribute(semconv.STAGE_CALLS, held.calls)
             span.set_attribute(semconv.INFERENCE_STAGE_CALLS_DURATION, held.busy_ns / 1e9)
         if budget is not None:
+            span.set_attribute(semconv.INFERENCE_BUDGET, budget)
             span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
     span.end(end_time=held.end_wall_ns)
 
@@ -1322,6 +1323,7 @@ def _finish_span(
         if attributes:
             span.set_attributes(attributes)
         if budget is not None:
+            span.set_attribute(semconv.INFERENCE_BUDGET, budget)
             span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
         if exc is not None:
             _mark_error(span, exc, binding.exception_messages)

@@ -343,11 +343,6 @@ def test_html_timeline_and_waterfalls_in_headless_chromium(tmp_path):
     assert len({y // 60 for _, y in bars}) >= 4 and len(bars) > 4 * 150 * 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the recorder does not yet put inference.budget on stage spans: a line in "
-    "stages._finish_span and _end_held (issue 19's note to the lead); remove this mark then",
-)
 def test_budgets_the_recorder_writes_are_read_back(telemetry, tmp_path):
     from opentelemetry.exporter.otlp.json.file import FileSpanExporter
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor

@@ -431,27 +431,22 @@ def _summarise(
     top_intervals: dict[SpanKey, dict[str, list[tuple[int, int]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    # Per request and stage: the intervals of its spans, plus the time of its
-    # compressed spans (several calls each, with gaps between them).
-    spans_of: dict[tuple[str, str | None], dict[SpanKey, list[tuple[int, int]]]] = defaultdict(
+    # Per stage and request: its spans of the stage (batch spans once per member).
+    spans_of: dict[tuple[str, str | None], dict[SpanKey, list[SpanRecord]]] = defaultdict(
         lambda: defaultdict(list)
-    )
-    compressed_of: dict[tuple[str, str | None], dict[SpanKey, int]] = defaultdict(
-        lambda: defaultdict(int)
     )
     work: dict[tuple[str, str | None], float] = defaultdict(float)  # weighted ns
     hits = misses = 0
     for o in obs:
         span = o.span
         key = (o.stage, o.parent)
-        request = requests[o.request]
+        spans_of[key][o.request].append(span)
         busy = _compressed_ns(span)
         if busy is None:
+            request = requests[o.request]
             interval = clip((span.start_ns, span.end_ns), (request.start_ns, request.end_ns))
-            spans_of[key][o.request].append(interval)
             work[key] += span.duration_ns * o.weight
         else:
-            compressed_of[key][o.request] += busy
             # For the tail's union: the calls' time, placed at the end of the span.
             interval = (max(span.start_ns, span.end_ns - busy), span.end_ns)
             work[key] += busy * o.weight
@@ -464,13 +459,10 @@ def _summarise(
 
     # A stage is what the request spent in it: one value per request (the union of
     # its calls), as inference.stage.duration records it.
-    values: dict[tuple[str, str | None], list[int]] = defaultdict(list)
-    for key in set(spans_of) | set(compressed_of):
-        plain, compressed = spans_of.get(key, {}), compressed_of.get(key, {})
-        for request_key in set(plain) | set(compressed):
-            values[key].append(
-                union_length(plain.get(request_key, ())) + compressed.get(request_key, 0)
-            )
+    values: dict[tuple[str, str | None], list[int]] = {
+        key: [spent_ns(spans, requests[request]) for request, spans in by_request.items()]
+        for key, by_request in spans_of.items()
+    }
 
     unattributed: dict[SpanKey, int] = {}
     for key, request in requests.items():
