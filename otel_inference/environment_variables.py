@@ -126,3 +126,15 @@ defaults to this variable. Unset (default): no file. A directory, a missing
 parent directory, an unwritable path or a missing exporter package is logged
 at ERROR at startup and the application starts without the file.
 """
+
+OTEL_INFERENCE_EVENT_LOOP_THRESHOLD = "OTEL_INFERENCE_EVENT_LOOP_THRESHOLD"
+"""
+.. envvar:: OTEL_INFERENCE_EVENT_LOOP_THRESHOLD
+
+An asyncio event loop held at least this long (``us``, ``ms`` or ``s``; default
+``20ms``) is a blocked interval: the runtime instrumentor's watchdog names what
+held it (the callback's function, or the threads that took the CPU/GIL), and
+the stages and requests it overlapped get the overlap
+(``inference.event_loop.blocked.duration``) and an ``event_loop.blocked`` event.
+Every heartbeat's lateness goes into ``inference.runtime.event_loop.delay``.
+"""

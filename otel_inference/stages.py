@@ -82,6 +82,7 @@ from otel_inference.config import (
     span_compression_threshold,
     stage_call_durations_enabled,
 )
+from otel_inference.event_loop import loop_monitor
 from otel_inference.metrics import (
     DEFAULT_DURATION_BOUNDARIES,
     StageInstruments,
@@ -676,6 +677,8 @@ class StageRecorder:
                 )
                 if new_span.is_recording():
                     span_context = new_span.get_span_context()
+                    if _LOOP.started:
+                        _LOOP.annotate(new_span, start_ns, start_ns + duration_ns)
                 _finish_span(new_span, binding, start_wall_ns + duration_ns, exc, budget, exceeded)
             binding.duration.record(seconds, metric_attributes)
             if binding.call_duration is not None:
@@ -820,6 +823,7 @@ def _cold_outside_request(parent: str | None, current: Span) -> bool:
 
 
 _GC = gc_monitor()
+_LOOP = loop_monitor()  # event-loop monitor (#16): stage/request hooks below, when started
 _GC_PENDING = _GC.pending
 _GC_BOUNDARIES = (0.00001, 0.000025, 0.00005, 0.000075)
 _GC_ATTRIBUTES = {generation: {GC_GENERATION: generation} for generation in range(3)}
@@ -878,6 +882,7 @@ class StageScope(_Scope):
         "_metric_context",
         "_outer_context",
         "_parent",
+        "_probe",
         "_span",
         "_start_ns",
         "_start_wall_ns",
@@ -928,6 +933,8 @@ class StageScope(_Scope):
             self._tally = None
         self._enter_ns = enter_ns
         self._start_ns = perf_counter_ns()
+        # Watches the running loop; a sync stage's thread CPU clock (#16).
+        self._probe = _LOOP.stage_probe(self._span) if _LOOP.started else None
         return self
 
     def _new_tally(self, account: RequestAccount) -> StageTally:
@@ -1118,6 +1125,8 @@ class StageScope(_Scope):
         exceeded = budget is not None and seconds > budget
         span = self._span
         if span is not None:
+            if _LOOP.started and span.is_recording():
+                _LOOP.annotate(span, self._start_ns, self._start_ns + duration_ns, self._probe)
             end_time = self._start_wall_ns + duration_ns if end_time_ns is None else end_time_ns
             _finish_span(span, binding, end_time, exc, budget, exceeded, span_attributes)
         elif self._joined is not None:  # its request ended before this late record
@@ -1187,6 +1196,8 @@ class StageScope(_Scope):
                 span.set_attributes(span_attributes)
             if exc is not None:
                 _mark_error(span, exc, binding.exception_messages)
+            if _LOOP.started:
+                _LOOP.annotate(span, start_ns, end_ns, self._probe)
         end_wall_ns = self._start_wall_ns + duration_ns if end_time_ns is None else end_time_ns
         held = HeldSpan(
             span,
@@ -1409,6 +1420,8 @@ class RequestScope(_Scope):
                 )
                 self._span = span
                 self._context_token = otel_context.attach(trace.set_span_in_context(span))
+            if _LOOP.started:
+                _LOOP.observe()
             start_ns = perf_counter_ns()
             recording = self._span is not None and self._span.is_recording()
             self._account: RequestAccount = RequestAccount(self._name, start_ns, cold, recording)
@@ -1457,6 +1470,8 @@ class RequestScope(_Scope):
                     span.set_attribute(semconv.INFERENCE_INSTRUMENTATION, instrumentation_ns / 1e9)
                     if account.gc_pause_count:
                         _add_gc_pauses(span, account)
+                    if _LOOP.started:
+                        _LOOP.annotate(span, account.start_ns, end_ns)
                 _finish_span(
                     span, binding, self._start_wall_ns + duration_ns, exc, budget, exceeded
                 )
@@ -1506,6 +1521,8 @@ class AdoptedRequestScope:
             )
             if _GC.started:
                 _GC.in_flight[id(account)] = account
+            if _LOOP.started:
+                _LOOP.observe()
             self._frame_token = _FRAME.set((account, None))
         except Exception:
             log_once("adopt-enter", "otel-inference: failed to open request", level=logging.ERROR)
@@ -1524,6 +1541,8 @@ class AdoptedRequestScope:
             _close_account(self._binding, account, span)
             if account.gc_pause_count and span.is_recording():
                 _add_gc_pauses(span, account)
+            if _LOOP.started and span.is_recording():
+                _LOOP.annotate(span, account.start_ns, perf_counter_ns())
             if _GC_PENDING:
                 _drain_gc_pauses(self._binding)
         except Exception:
@@ -1740,6 +1759,8 @@ class BatchStageScope:
             exceeded = budget is not None and seconds > budget
             span = self._span
             if span is not None:
+                if _LOOP.started and span.is_recording():
+                    _LOOP.annotate(span, self._start_ns, self._start_ns + duration_ns)
                 _finish_span(
                     span,
                     binding,

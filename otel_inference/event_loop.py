@@ -1,0 +1,625 @@
+"""Blocked event loops and contention: what held the request, not the stage that waited.
+
+An awaited stage (a Redis call, a queue wait, a downstream request) measures the
+time until its coroutine runs again. When the event loop cannot run (one
+callback hogs it, or other threads hold the GIL or the CPUs), the awaited stage
+looks slow while the thing it awaited answered long ago. This module measures
+the loop and names what held it:
+
+* **Heartbeat.** The first stage or ``request()`` that runs inside an asyncio
+  loop (any loop: asyncio's, uvloop, nothing is patched) starts a periodic
+  ``call_later`` callback on it. Each run records how late it ran into the
+  ``inference.runtime.event_loop.delay`` histogram (seconds; the measure of the
+  OpenTelemetry semantic conventions' ``nodejs.eventloop.delay.*`` and Node's
+  ``monitorEventLoopDelay``).
+* **Watchdog.** One daemon thread per process wakes when a heartbeat is overdue
+  by :envvar:`OTEL_INFERENCE_EVENT_LOOP_THRESHOLD` and, while the loop is still
+  held, samples the loop thread's top Python frames (``sys._current_frames()``:
+  function, file, line from code objects; never locals) and the CPU clocks of
+  every Python thread (``time.pthread_getcpuclockid``).
+* **Blocked intervals.** A heartbeat at least the threshold late ends a blocked
+  interval, classified as
+
+  - ``busy``: the loop thread was on CPU (at least half the interval) running a
+    callback: the culprit is its innermost sampled function;
+  - ``blocked``: the loop thread was off CPU inside a callback while no other
+    thread used the CPU: a blocking call (``time.sleep``, synchronous I/O, a
+    lock): the culprit is the function that made it;
+  - ``starved``: the loop thread was ready but not running while other threads
+    used the CPU (they held the GIL, or the CPUs were oversubscribed): the
+    culprits are those threads, by name, with their CPU time;
+  - ``unknown``: too short for the watchdog to sample, and nothing else ran.
+
+  The interval starts half a heartbeat period before the heartbeat was due (the
+  centred estimate: the hold began somewhere in the last period) and ends when
+  the heartbeat ran.
+* **Attribution.** Every stage span and ``request()`` span recorded on the loop's
+  thread that overlaps blocked intervals gets the overlap
+  (``inference.event_loop.blocked.duration``, ``...count``), the main culprit
+  (``inference.event_loop.blocked.culprit`` and ``...kind``) and one
+  ``event_loop.blocked`` event per interval. Synchronous stages (those on a
+  thread without a running loop) get their thread CPU time,
+  ``inference.stage.cpu.duration``, beside the wall time: a CPU-bound stage
+  whose wall time is far above its CPU time was held by contention.
+
+The monitor belongs to one process: after ``fork()`` it restarts itself in the
+child on first use (:meth:`LoopMonitor.restart_after_fork` does it explicitly).
+
+Usage::
+
+    from otel_inference.event_loop import loop_monitor
+
+    loop_monitor().start(threshold_s=0.02)   # done by the ``inference_runtime`` instrumentor
+    # every loop that runs a stage or request() is watched from then on
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Mapping
+from time import perf_counter_ns, time_ns
+from typing import Any
+
+from opentelemetry import metrics
+
+from otel_inference.config import ConfigurationError
+from otel_inference.environment_variables import OTEL_INFERENCE_EVENT_LOOP_THRESHOLD
+
+EVENT_LOOP_DELAY = "inference.runtime.event_loop.delay"
+EVENT_LOOP_BLOCKED = "event_loop.blocked"  # span event name
+BLOCKED_DURATION = "inference.event_loop.blocked.duration"
+BLOCKED_COUNT = "inference.event_loop.blocked.count"
+BLOCKED_KIND = "inference.event_loop.blocked.kind"
+BLOCKED_CULPRIT = "inference.event_loop.blocked.culprit"
+BLOCKED_STACK = "inference.event_loop.blocked.stack"
+BLOCKED_CPU_RATIO = "inference.event_loop.blocked.cpu_ratio"
+STAGE_CPU_DURATION = "inference.stage.cpu.duration"
+KINDS = ("busy", "blocked", "starved", "unknown")
+
+DEFAULT_THRESHOLD_S = 0.02
+HEARTBEAT_S = 0.01
+"""Heartbeat period: the resolution of the delay histogram (Node's default, 10 ms)."""
+_MAX_INTERVALS = 2048  # per loop, newest kept
+_MAX_SAMPLES = 64  # frame samples per blocked interval
+_MAX_FRAMES = 6  # innermost frames kept per sample
+_MAX_EVENTS_PER_SPAN = 8
+_MAX_THREADS_NAMED = 3
+_DELAY_BOUNDARIES = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+# Frames of the loop machinery itself: the callback is the first frame above them.
+_LOOP_FILES = (
+    os.path.dirname(asyncio.__file__) + os.sep,
+    selectors.__file__,
+)
+_THREADING_FILE = threading.__file__
+_STARVED_LAG_NS = 2_000_000  # the watchdog itself waited this long for the GIL/CPU
+
+
+def event_loop_threshold(environ: Mapping[str, str] | None = None) -> float:
+    """:envvar:`OTEL_INFERENCE_EVENT_LOOP_THRESHOLD` in seconds (default 20 ms)."""
+    from otel_inference.budgets import parse_duration
+
+    environ = os.environ if environ is None else environ
+    raw = environ.get(OTEL_INFERENCE_EVENT_LOOP_THRESHOLD, "").strip()
+    if not raw:
+        return DEFAULT_THRESHOLD_S
+    seconds = parse_duration(raw, entry=raw, source=OTEL_INFERENCE_EVENT_LOOP_THRESHOLD)
+    return check_threshold(seconds, OTEL_INFERENCE_EVENT_LOOP_THRESHOLD)
+
+
+def check_threshold(seconds: float, source: str = "event_loop_threshold") -> float:
+    """A usable threshold: above two heartbeat periods' noise, at most a minute."""
+    if not 0.001 <= seconds <= 60:
+        raise ConfigurationError(
+            f"{source}={seconds:g}s must be from 1ms to 60s (the time a loop may be held "
+            "before the watchdog names what held it)"
+        )
+    return seconds
+
+
+class BlockedInterval:
+    """A time the loop could not run, longer than the threshold (``perf_counter_ns``)."""
+
+    __slots__ = (
+        "cpu_ratio",
+        "culprit",
+        "end_ns",
+        "file",
+        "function",
+        "kind",
+        "line",
+        "stack",
+        "start_ns",
+        "threads",
+        "wall_start_ns",
+    )
+
+    def __init__(self, start_ns: int, end_ns: int) -> None:
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.wall_start_ns = time_ns() - (perf_counter_ns() - start_ns)
+        self.kind = "unknown"
+        self.culprit = "unknown"
+        self.cpu_ratio = 0.0
+        self.function: str | None = None
+        self.file: str | None = None
+        self.line: int | None = None
+        self.stack: tuple[str, ...] = ()
+        self.threads: tuple[tuple[str, float], ...] = ()  # (name, CPU seconds)
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def event_attributes(self) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            BLOCKED_KIND: self.kind,
+            BLOCKED_CULPRIT: self.culprit,
+            BLOCKED_DURATION: self.duration_ns / 1e9,
+            BLOCKED_CPU_RATIO: round(self.cpu_ratio, 3),
+        }
+        if self.function is not None:
+            attributes["code.function.name"] = self.function
+            attributes["code.file.path"] = self.file
+            attributes["code.line.number"] = self.line
+        if self.stack:
+            attributes[BLOCKED_STACK] = list(self.stack)
+        if self.threads:
+            attributes["thread.name"] = self.threads[0][0]
+        return attributes
+
+
+class _Stall:
+    """What the watchdog saw while a heartbeat was overdue."""
+
+    __slots__ = ("due_ns", "frames", "lag_ns", "snapshot")
+
+    def __init__(self, due_ns: int, snapshot: _Snapshot) -> None:
+        self.due_ns = due_ns
+        self.snapshot = snapshot
+        self.frames: list[tuple[tuple[str, str, int], ...]] = []  # innermost first
+        self.lag_ns = 0
+
+
+class _Snapshot:
+    """CPU clocks at one instant: each Python thread's, and the whole process's."""
+
+    __slots__ = ("at_ns", "process_ns", "threads")
+
+    def __init__(self) -> None:
+        threads: dict[int, tuple[str, int]] = {}
+        for thread in threading.enumerate():
+            ident = thread.ident
+            if ident is None:
+                continue
+            try:
+                threads[ident] = (
+                    thread.name,
+                    time.clock_gettime_ns(time.pthread_getcpuclockid(ident)),
+                )
+            except (OSError, AttributeError):  # exited meanwhile, or no per-thread clocks
+                continue
+        self.threads = threads
+        self.process_ns = time.process_time_ns()
+        self.at_ns = perf_counter_ns()
+
+
+class _LoopWatch:
+    """The heartbeat of one loop, run on that loop's thread."""
+
+    def __init__(self, monitor: LoopMonitor, loop: asyncio.AbstractEventLoop) -> None:
+        self.monitor = monitor
+        self.loop = loop
+        self.thread_id = threading.get_ident()
+        self.intervals: deque[BlockedInterval] = deque(maxlen=_MAX_INTERVALS)
+        self.due_ns = 0
+        self.last_ns = 0
+        self.stall: _Stall | None = None
+        self.paused = False  # the watchdog saw the loop stopped: next lateness is no delay
+        self.active = True
+        self._handle: asyncio.TimerHandle | None = None
+
+    def begin(self) -> None:
+        self.last_ns = perf_counter_ns()
+        self.due_ns = self.last_ns + self.monitor.period_ns
+        self._handle = self.loop.call_later(self.monitor.period_s, self._beat)
+
+    def cancel(self) -> None:
+        self.active = False
+        handle = self._handle
+        if handle is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed
+                self.loop.call_soon_threadsafe(handle.cancel)
+
+    def _beat(self) -> None:
+        if not self.active:
+            return
+        now = perf_counter_ns()
+        if now < self.due_ns:
+            # A stage closed the last interval early (catch_up): wait for the new due time.
+            self._schedule((self.due_ns - now) / 1e9)
+            return
+        self._close(now)
+        self._schedule(self.monitor.period_s)
+
+    def catch_up(self) -> None:
+        """On the loop thread, when the heartbeat is overdue past the threshold:
+        the loop is running again, so the held interval is over; close it now,
+        so that the stage ending here (resumed in the same loop iteration as the
+        heartbeat, before it) sees it."""
+        now = perf_counter_ns()
+        if now - self.due_ns >= self.monitor.threshold_ns:
+            self._close(now)
+
+    def _schedule(self, seconds: float) -> None:
+        try:
+            self._handle = self.loop.call_later(seconds, self._beat)
+        except RuntimeError:  # loop closing
+            self.active = False
+
+    def _close(self, now: int) -> None:
+        monitor = self.monitor
+        try:
+            delay_ns = max(0, now - self.due_ns)
+            stall, self.stall = self.stall, None
+            if self.paused:
+                self.paused = False  # the loop was stopped, not held
+            else:
+                monitor.record_delay(delay_ns / 1e9)
+                if delay_ns >= monitor.threshold_ns:
+                    start = max(self.last_ns, self.due_ns - monitor.period_ns // 2)
+                    interval = BlockedInterval(start, now)
+                    if stall is not None and stall.due_ns != self.due_ns:
+                        stall = None  # seen for an earlier heartbeat
+                    _classify(interval, stall, monitor.snapshot)
+                    self.intervals.append(interval)
+        except Exception:  # pragma: no cover - never break the loop
+            monitor.log_error()
+        self.last_ns = now
+        self.due_ns = now + monitor.period_ns
+
+
+def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot | None) -> None:
+    """Busy, blocked or starved, from the watchdog's samples and the CPU clocks
+    between its snapshot (taken before, or early in, the interval) and now."""
+    begin = stall.snapshot if stall is not None else before
+    if begin is None:
+        return
+    end = _Snapshot()
+    loop_id = threading.get_ident()
+    wall = max(1, end.at_ns - begin.at_ns)
+    loop_cpu = _delta(begin, end, loop_id)
+    interval.cpu_ratio = min(1.0, loop_cpu / wall)
+    others: list[tuple[str, float]] = []
+    python_ns = 0
+    for ident, (name, _cpu) in end.threads.items():
+        used = _delta(begin, end, ident)
+        python_ns += used
+        if ident not in (loop_id, _monitor._watchdog_ident) and used > 0:
+            others.append((name, used / 1e9))
+    native_ns = max(0, (end.process_ns - begin.process_ns) - python_ns)
+    if native_ns > 0.1 * wall:
+        others.append(("threads outside Python", native_ns / 1e9))
+    others.sort(key=lambda item: -item[1])
+    other_ns = sum(seconds for _, seconds in others) * 1e9
+    samples = stall.frames if stall is not None else []
+    callbacks = [sample for sample in samples if sample]
+    lag_ns = stall.lag_ns if stall is not None else 0
+    if interval.cpu_ratio >= 0.5:
+        interval.kind = "busy"
+    elif other_ns >= 0.5 * wall and (not callbacks or lag_ns >= _STARVED_LAG_NS):
+        interval.kind = "starved"
+    elif callbacks:
+        interval.kind = "blocked"
+    elif samples:
+        interval.kind = "starved"  # the loop was polling, yet was not scheduled
+    if interval.kind in ("busy", "blocked"):
+        if not callbacks:
+            interval.culprit = "a callback (not sampled: shorter than the watchdog's detection)"
+            return
+        top = Counter(sample[0] for sample in callbacks).most_common(1)[0][0]
+        function, path, line = top
+        interval.function, interval.file, interval.line = function, path, line
+        interval.culprit = f"{function} ({_short(path)}:{line})"
+        sample = next(s for s in callbacks if s[0] == top)
+        interval.stack = tuple(f"{f} ({_short(p)}:{n})" for f, p, n in sample)
+    elif interval.kind == "starved":
+        named = others[:_MAX_THREADS_NAMED]
+        interval.threads = tuple(named)
+        seconds = wall / 1e9
+        interval.culprit = (
+            ", ".join(f"thread {name!r} ({used / seconds:.0%} CPU)" for name, used in named)
+            if named
+            else "other processes (CPUs oversubscribed)"
+        )
+
+
+def _delta(begin: _Snapshot, end: _Snapshot, ident: int) -> int:
+    after = end.threads.get(ident)
+    if after is None:
+        return 0
+    before = begin.threads.get(ident)
+    return max(0, after[1] - (before[1] if before is not None else 0))
+
+
+def _short(path: str) -> str:
+    """The last two components of a path: enough to find the file, no home directories."""
+    parts = path.replace("\\", "/").rsplit("/", 2)
+    return "/".join(parts[-2:])
+
+
+def _callback_frames(frame: Any) -> tuple[tuple[str, str, int], ...]:
+    """The innermost frames above the loop machinery, innermost first; empty when
+    the loop thread was in the machinery itself (polling for I/O)."""
+    found: list[tuple[str, str, int]] = []
+    depth = 0
+    while frame is not None and depth < 128 and len(found) < _MAX_FRAMES:
+        code = frame.f_code
+        path = code.co_filename
+        if path.startswith(_LOOP_FILES):
+            break  # the loop's own frames: the callback (if any) is above
+        if path != _THREADING_FILE:  # Event.wait & co. inside a callback: skip
+            found.append((getattr(code, "co_qualname", code.co_name), path, frame.f_lineno))
+        frame = frame.f_back
+        depth += 1
+    return tuple(found)
+
+
+def _delay_histogram(meter: metrics.Meter) -> metrics.Histogram:
+    return meter.create_histogram(
+        EVENT_LOOP_DELAY,
+        unit="s",
+        description=(
+            "How late each event-loop heartbeat ran: time the loop could not run "
+            "(semconv nodejs.eventloop.delay, Node's monitorEventLoopDelay)"
+        ),
+        explicit_bucket_boundaries_advisory=_DELAY_BOUNDARIES,
+    )
+
+
+class LoopMonitor:
+    """Watches every loop that runs a stage; one watchdog thread per process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = False
+        self.threshold_ns = int(DEFAULT_THRESHOLD_S * 1e9)
+        self.period_s = HEARTBEAT_S
+        self.period_ns = int(HEARTBEAT_S * 1e9)
+        self._recorder: Any = None
+        self._pid = os.getpid()
+        self._last_loop: object | None = None
+        self._watches: dict[int, _LoopWatch] = {}  # loop thread ident -> watch
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_ident: int | None = None
+        self._stop = threading.Event()
+        self._error_logged = False
+        self.snapshot: _Snapshot | None = None  # the watchdog's latest, outside stalls
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, threshold_s: float | None = None, recorder: Any = None) -> None:
+        if threshold_s is not None:
+            self.threshold_ns = int(threshold_s * 1e9)
+        if recorder is not None:
+            self._recorder = recorder
+        self.started = True
+
+    def stop(self) -> None:
+        self.started = False
+        with self._lock:
+            watches, self._watches = self._watches, {}
+            self._last_loop = None
+            self._stop.set()
+            thread, self._watchdog = self._watchdog, None
+        for watch in watches.values():
+            watch.cancel()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
+
+    def restart_after_fork(self) -> None:
+        """In a forked child: forget the parent's loops and thread (they do not
+        exist here); the next stage in a loop starts fresh."""
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._watches = {}
+        self._last_loop = None
+        self._watchdog = None
+        self._watchdog_ident = None
+        self._stop = threading.Event()
+
+    # -- hot path ----------------------------------------------------------
+    def observe(self) -> None:
+        """Start watching the running loop, if any (cheap when already watched)."""
+        loop = asyncio._get_running_loop()
+        if loop is None or loop is self._last_loop:
+            return
+        self._watch(loop)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            if self._pid != os.getpid():
+                self.restart_after_fork()
+            ident = threading.get_ident()
+            with self._lock:
+                if not self.started:
+                    return
+                watch = self._watches.get(ident)
+                if watch is None or watch.loop is not loop:
+                    if watch is not None:
+                        watch.active = False
+                    watch = _LoopWatch(self, loop)
+                    self._watches[ident] = watch
+                    watch.begin()
+                self._last_loop = loop
+                if self._watchdog is None:
+                    self._stop = threading.Event()
+                    self._watchdog = threading.Thread(
+                        target=self._run_watchdog,
+                        args=(self._stop,),
+                        name="otel-inference-loop-watchdog",
+                        daemon=True,
+                    )
+                    self._watchdog.start()
+        except Exception:
+            self.log_error()
+
+    def stage_probe(self, span: Any) -> int | None:
+        """At a stage's start: watch the running loop; for a recording span on a
+        thread without a loop (synchronous work), the thread's CPU clock."""
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            if loop is not self._last_loop:
+                self._watch(loop)
+            return None
+        return time.thread_time_ns() if span is not None and span.is_recording() else None
+
+    def annotate(
+        self, span: Any, start_ns: int, end_ns: int, cpu_start_ns: int | None = None
+    ) -> None:
+        """Before a recording span ends: the blocked intervals of this thread's
+        loop that overlap ``[start_ns, end_ns]``, and the CPU time since
+        ``cpu_start_ns`` (synchronous stages)."""
+        try:
+            if cpu_start_ns is not None:
+                span.set_attribute(STAGE_CPU_DURATION, (time.thread_time_ns() - cpu_start_ns) / 1e9)
+                return
+            watch = self._watches.get(threading.get_ident())
+            if watch is None:
+                return
+            if watch.loop is asyncio._get_running_loop():
+                watch.catch_up()
+            overlap, hits = blocked_overlap(watch.intervals, start_ns, end_ns)
+            if not hits:
+                return
+            span.set_attribute(BLOCKED_DURATION, overlap / 1e9)
+            span.set_attribute(BLOCKED_COUNT, len(hits))
+            main = max(hits, key=lambda pair: pair[1])[0]
+            span.set_attribute(BLOCKED_KIND, main.kind)
+            span.set_attribute(BLOCKED_CULPRIT, main.culprit)
+            for interval, _ in sorted(hits, key=lambda pair: -pair[1])[:_MAX_EVENTS_PER_SPAN]:
+                span.add_event(
+                    EVENT_LOOP_BLOCKED,
+                    interval.event_attributes(),
+                    timestamp=interval.wall_start_ns,
+                )
+        except Exception:
+            self.log_error()
+
+    def intervals(self) -> list[BlockedInterval]:
+        """Every blocked interval still kept, all loops, oldest first."""
+        found = [i for watch in list(self._watches.values()) for i in list(watch.intervals)]
+        return sorted(found, key=lambda interval: interval.start_ns)
+
+    # -- recording ---------------------------------------------------------
+    def record_delay(self, seconds: float) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            from otel_inference.stages import get_recorder
+
+            recorder = self._recorder = get_recorder()
+        recorder.instruments(_delay_histogram).record(seconds)
+
+    def log_error(self) -> None:
+        if not self._error_logged:
+            self._error_logged = True
+            from otel_inference.stages import log_once
+
+            log_once(
+                "event-loop-monitor",
+                "otel-inference: the event-loop monitor failed",
+                level=40,
+            )
+
+    # -- watchdog ----------------------------------------------------------
+    def _run_watchdog(self, stop: threading.Event) -> None:
+        self._watchdog_ident = threading.get_ident()
+        self.snapshot = _Snapshot()
+        threshold = self.threshold_ns
+        while not stop.is_set():
+            now = perf_counter_ns()
+            wait_ns = threshold
+            stalled = False
+            for ident, watch in list(self._watches.items()):
+                if watch.loop.is_closed():
+                    with self._lock:
+                        if self._watches.get(ident) is watch:
+                            del self._watches[ident]
+                        if self._last_loop is watch.loop:
+                            self._last_loop = None
+                    continue
+                if not watch.loop.is_running():
+                    watch.paused = True
+                    continue
+                due = watch.due_ns
+                overdue = now - due
+                if overdue < threshold:
+                    wait_ns = min(wait_ns, threshold - overdue)
+                    continue
+                stalled = True
+                stall = watch.stall
+                if stall is None or stall.due_ns != due:
+                    # CPU clocks from our last wake outside a stall: they cover
+                    # the whole interval, even when we could not run earlier.
+                    stall = _Stall(due, self.snapshot or _Snapshot())
+                    watch.stall = stall
+                stall.lag_ns = max(stall.lag_ns, overdue - threshold)
+                if len(stall.frames) < _MAX_SAMPLES:
+                    frame = sys._current_frames().get(ident)
+                    stall.frames.append(_callback_frames(frame))
+            if not stalled:
+                self.snapshot = _Snapshot()
+            threshold = self.threshold_ns
+            # While a loop is held: sample every quarter threshold (at least 2 ms).
+            sleep_ns = max(2_000_000, threshold // 4) if stalled else max(1_000_000, wait_ns)
+            stop.wait(sleep_ns / 1e9)
+
+
+def blocked_overlap(
+    intervals: deque[BlockedInterval], start_ns: int, end_ns: int
+) -> tuple[int, list[tuple[BlockedInterval, int]]]:
+    """Total overlap of ``[start_ns, end_ns]`` with the intervals, and each hit."""
+    if not intervals or intervals[-1].end_ns <= start_ns:
+        return 0, []
+    total = 0
+    hits: list[tuple[BlockedInterval, int]] = []
+    for interval in reversed(intervals):
+        if interval.end_ns <= start_ns:
+            break
+        overlap = min(end_ns, interval.end_ns) - max(start_ns, interval.start_ns)
+        if overlap > 0:
+            total += overlap
+            hits.append((interval, overlap))
+    return total, hits
+
+
+_monitor = LoopMonitor()
+
+
+def loop_monitor() -> LoopMonitor:
+    """The process-wide event-loop monitor (started by the ``inference_runtime`` instrumentor)."""
+    return _monitor
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_monitor.restart_after_fork)
