@@ -69,18 +69,20 @@ from typing import Any
 
 from opentelemetry import metrics
 
+from otel_inference import semconv
 from otel_inference.config import ConfigurationError
 from otel_inference.environment_variables import OTEL_INFERENCE_EVENT_LOOP_THRESHOLD
+from otel_inference.runtime import gc_monitor
 
-EVENT_LOOP_DELAY = "inference.runtime.event_loop.delay"
+EVENT_LOOP_DELAY = semconv.EVENT_LOOP_DELAY
 EVENT_LOOP_BLOCKED = "event_loop.blocked"  # span event name
-BLOCKED_DURATION = "inference.event_loop.blocked.duration"
-BLOCKED_COUNT = "inference.event_loop.blocked.count"
-BLOCKED_KIND = "inference.event_loop.blocked.kind"
-BLOCKED_CULPRIT = "inference.event_loop.blocked.culprit"
+BLOCKED_DURATION = semconv.INFERENCE_EVENT_LOOP_BLOCKED
+BLOCKED_COUNT = semconv.INFERENCE_EVENT_LOOP_BLOCKED_COUNT
+BLOCKED_KIND = semconv.INFERENCE_EVENT_LOOP_BLOCKED_KIND
+BLOCKED_CULPRIT = semconv.INFERENCE_EVENT_LOOP_BLOCKED_CULPRIT
 BLOCKED_STACK = "inference.event_loop.blocked.stack"
 BLOCKED_CPU_RATIO = "inference.event_loop.blocked.cpu_ratio"
-STAGE_CPU_DURATION = "inference.stage.cpu.duration"
+STAGE_CPU_DURATION = semconv.INFERENCE_STAGE_CPU
 KINDS = ("busy", "blocked", "starved", "unknown")
 
 DEFAULT_THRESHOLD_S = 0.02
@@ -114,6 +116,7 @@ _LOOP_FILES = (
 )
 _THREADING_FILE = threading.__file__
 _STARVED_LAG_NS = 2_000_000  # the watchdog itself waited this long for the GIL/CPU
+_SAMPLE_STEP_NS = 2_000_000  # watchdog sampling step while a heartbeat is overdue
 
 
 def event_loop_threshold(environ: Mapping[str, str] | None = None) -> float:
@@ -193,19 +196,20 @@ class BlockedInterval:
 class _Stall:
     """What the watchdog saw while a heartbeat was overdue."""
 
-    __slots__ = ("due_ns", "frames", "lag_ns", "snapshot")
+    __slots__ = ("due_ns", "frames", "lag_ns", "snapshot", "times")
 
     def __init__(self, due_ns: int, snapshot: _Snapshot) -> None:
         self.due_ns = due_ns
         self.snapshot = snapshot
         self.frames: list[tuple[tuple[str, str, int], ...]] = []  # innermost first
+        self.times: list[int] = []  # perf_counter_ns of each sample
         self.lag_ns = 0
 
 
 class _Snapshot:
     """CPU clocks at one instant: each Python thread's, and the whole process's."""
 
-    __slots__ = ("at_ns", "process_ns", "threads")
+    __slots__ = ("at_ns", "gc_ns", "process_ns", "threads")
 
     def __init__(self) -> None:
         threads: dict[int, tuple[str, int]] = {}
@@ -222,6 +226,7 @@ class _Snapshot:
                 continue
         self.threads = threads
         self.process_ns = time.process_time_ns()
+        self.gc_ns = _GC.total_pause_ns
         self.at_ns = perf_counter_ns()
 
 
@@ -235,12 +240,14 @@ class _LoopWatch:
         self.intervals: deque[BlockedInterval] = deque(maxlen=_MAX_INTERVALS)
         self.due_ns = 0
         self.last_ns = 0
+        self.last_cpu_ns = 0  # the loop thread's CPU clock at last_ns
         self.stall: _Stall | None = None
         self.paused = False  # the watchdog saw the loop stopped: next lateness is no delay
         self.active = True
         self._handle: asyncio.TimerHandle | None = None
 
     def begin(self) -> None:
+        self.last_cpu_ns = time.thread_time_ns()
         self.last_ns = perf_counter_ns()
         self.due_ns = self.last_ns + self.monitor.period_ns
         self._handle = self.loop.call_later(self.monitor.period_s, self._beat)
@@ -288,16 +295,36 @@ class _LoopWatch:
             else:
                 monitor.record_delay(delay_ns / 1e9)
                 if delay_ns >= monitor.threshold_ns:
-                    start = max(self.last_ns, self.due_ns - monitor.period_ns // 2)
-                    interval = BlockedInterval(start, now)
-                    if stall is not None and stall.due_ns != self.due_ns:
-                        stall = None  # seen for an earlier heartbeat
-                    _classify(interval, stall, monitor.snapshot)
-                    self.intervals.append(interval)
+                    self.intervals.append(self._interval(now, stall))
         except Exception:  # pragma: no cover - never break the loop
             monitor.log_error()
+        self.last_cpu_ns = time.thread_time_ns()
         self.last_ns = now
         self.due_ns = now + monitor.period_ns
+
+    def _interval(self, now: int, stall: _Stall | None) -> BlockedInterval:
+        """The held interval ending now. It began after the last heartbeat; by
+        default, half a period before this one was due (the centred estimate).
+        When the loop thread was off CPU while held (blocked, starved), the CPU
+        it used since the last heartbeat ran before the hold: the hold cannot
+        have begun earlier than the last heartbeat plus that CPU time."""
+        monitor = self.monitor
+        start = max(self.last_ns, self.due_ns - monitor.period_ns // 2)
+        interval = BlockedInterval(start, now)
+        if stall is not None and stall.due_ns != self.due_ns:
+            stall = None  # seen for an earlier heartbeat
+        _classify(interval, stall, monitor.snapshot)
+        dated = _culprit_start(interval, stall)
+        if dated is not None:
+            if dated > start:
+                interval.wall_start_ns += dated - start
+                interval.start_ns = dated
+        elif interval.cpu_ratio < 0.5:
+            busy_until = self.last_ns + (time.thread_time_ns() - self.last_cpu_ns)
+            if start < busy_until < now:
+                interval.start_ns = busy_until
+                interval.wall_start_ns += busy_until - start
+        return interval
 
 
 def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot | None) -> None:
@@ -323,6 +350,11 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
         others.append(("threads outside Python", native_ns / 1e9))
     others.sort(key=lambda item: -item[1])
     other_ns = sum(seconds for _, seconds in others) * 1e9
+    gc_ns = end.gc_ns - begin.gc_ns
+    if gc_ns >= 0.5 * (interval.end_ns - interval.start_ns):
+        interval.kind = "busy"
+        interval.culprit = f"garbage collection ({gc_ns / 1e6:.0f} ms of pauses)"
+        return
     samples = stall.frames if stall is not None else []
     callbacks = [sample for sample in samples if sample]
     lag_ns = stall.lag_ns if stall is not None else 0
@@ -353,6 +385,21 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
             if named
             else "other processes (CPUs oversubscribed)"
         )
+
+
+def _culprit_start(interval: BlockedInterval, stall: _Stall | None) -> int | None:
+    """When the culprit (a callback) shows in the samples only from some sample
+    on, the hold began between that sample and the one before (the loop was
+    doing other, short work until then): the midpoint."""
+    if stall is None or interval.function is None or len(stall.times) < 2:
+        return None
+    culprit = (interval.function, interval.file, interval.line)
+    first = len(stall.frames)
+    while first > 0 and stall.frames[first - 1][:1] == (culprit,):
+        first -= 1
+    if first == 0 or first == len(stall.frames):
+        return None  # held by it from the first sample on: no better date
+    return (stall.times[first - 1] + stall.times[first]) // 2
 
 
 def _delta(begin: _Snapshot, end: _Snapshot, ident: int) -> int:
@@ -553,13 +600,19 @@ class LoopMonitor:
 
     # -- watchdog ----------------------------------------------------------
     def _run_watchdog(self, stop: threading.Event) -> None:
+        """Wakes when a heartbeat is due plus one sampling step; while it stays
+        overdue, samples the loop thread's frames every step. The first sample
+        showing the culprit dates the start of the hold."""
         self._watchdog_ident = threading.get_ident()
         self.snapshot = _Snapshot()
-        threshold = self.threshold_ns
+        intended = perf_counter_ns()
         while not stop.is_set():
             now = perf_counter_ns()
-            wait_ns = threshold
+            lag = max(0, now - intended)
+            step = _SAMPLE_STEP_NS
+            wait_ns = self.threshold_ns
             stalled = False
+            frames = None
             for ident, watch in list(self._watches.items()):
                 if watch.loop.is_closed():
                     with self._lock:
@@ -573,8 +626,8 @@ class LoopMonitor:
                     continue
                 due = watch.due_ns
                 overdue = now - due
-                if overdue < threshold:
-                    wait_ns = min(wait_ns, threshold - overdue)
+                if overdue < step:
+                    wait_ns = min(wait_ns, step - overdue)
                     continue
                 stalled = True
                 stall = watch.stall
@@ -583,15 +636,19 @@ class LoopMonitor:
                     # the whole interval, even when we could not run earlier.
                     stall = _Stall(due, self.snapshot or _Snapshot())
                     watch.stall = stall
-                stall.lag_ns = max(stall.lag_ns, overdue - threshold)
+                stall.lag_ns = max(stall.lag_ns, lag)
                 if len(stall.frames) < _MAX_SAMPLES:
-                    frame = sys._current_frames().get(ident)
-                    stall.frames.append(_callback_frames(frame))
+                    if frames is None:
+                        frames = sys._current_frames()
+                    stall.frames.append(_callback_frames(frames.get(ident)))
+                    stall.times.append(now)
+                elif len(stall.frames) == _MAX_SAMPLES:
+                    step = max(step, self.threshold_ns)  # enough samples: slow down
+            frames = None
             if not stalled:
                 self.snapshot = _Snapshot()
-            threshold = self.threshold_ns
-            # While a loop is held: sample every quarter threshold (at least 2 ms).
-            sleep_ns = max(2_000_000, threshold // 4) if stalled else max(1_000_000, wait_ns)
+            sleep_ns = step if stalled else max(500_000, wait_ns)
+            intended = perf_counter_ns() + sleep_ns
             stop.wait(sleep_ns / 1e9)
 
 
@@ -614,6 +671,7 @@ def blocked_overlap(
 
 
 _monitor = LoopMonitor()
+_GC = gc_monitor()
 
 
 def loop_monitor() -> LoopMonitor:

@@ -170,6 +170,7 @@ class GcMonitor:
         self._started = False
         self._start_ns = 0
         self.pending: deque[GcPause] = deque(maxlen=_MAX_PENDING_PAUSES)
+        self.total_pause_ns = 0  # every pause since start: the event-loop monitor reads it
         self.event_threshold_ns = int(DEFAULT_GC_EVENT_THRESHOLD_S * 1e9)
         # id(account) -> account, maintained by request(); read here without locks.
         self.in_flight: dict[int, Any] = {}
@@ -201,6 +202,7 @@ class GcMonitor:
                 self._start_ns = perf_counter_ns()
                 return
             duration_ns = perf_counter_ns() - self._start_ns
+            self.total_pause_ns += duration_ns
             generation = info.get("generation", 0)
             pause = GcPause(generation, duration_ns, info.get("collected", 0), time_ns())
             self.pending.append(pause)

@@ -75,7 +75,8 @@ class StageRow:
     """One row of the report. Durations are seconds (``None`` when unknown).
 
     ``kind`` is ``stage`` (a top-level stage), ``nested`` (a stage inside
-    ``parent``), ``unattributed`` or ``request`` (end to end).
+    ``parent``), ``event_loop`` (time the event loop was held: taken out of the
+    stages and ``unattributed``), ``unattributed`` or ``request`` (end to end).
     ``tail_share``: among requests at or above the end-to-end p95, the mean
     fraction of their time spent in this stage (top-level stages and
     ``unattributed`` only). ``cost_per_request``: dollars, batch-shared work
@@ -96,6 +97,7 @@ class StageRow:
     status: str | None = None
     cost_per_request: float | None = None
     budget_source: str | None = None  # explicit | telemetry | environment
+    cpu_share: float | None = None
 
     @property
     def label(self) -> str:
@@ -103,11 +105,24 @@ class StageRow:
 
 
 @dataclass
+class LoopCulprit:
+    """What held the event loop: ``kind`` ``busy``/``blocked`` (a callback: ``culprit``
+    names its function) or ``starved`` (``culprit`` names the threads that took the
+    CPU); ``share``: its part of all the blocked time attributed to requests."""
+
+    kind: str
+    culprit: str
+    seconds: float
+    share: float
+
+
+@dataclass
 class Verdict:
     """Where the tail's time goes and what to change first.
 
-    ``category`` is one of ``configuration``, ``runtime``, ``cache``, ``model``,
-    ``host``, ``downstream``, ``instrumentation``, ``custom`` or ``none``.
+    ``category`` is one of ``event_loop``, ``configuration``, ``runtime``,
+    ``cache``, ``model``, ``host``, ``downstream``, ``instrumentation``,
+    ``custom`` or ``none``.
     """
 
     stage: str | None
@@ -140,6 +155,7 @@ class Report:
     padding: Padding | None = None
     timeline: Timeline | None = None
     slowest: list[RequestWaterfall] = field(default_factory=list)
+    event_loop_culprits: list[LoopCulprit] = field(default_factory=list)
 
     def row(self, stage: str, parent: str | None = None) -> StageRow:
         """The row of ``stage`` (nested rows: give ``parent``); ``KeyError`` if absent."""

@@ -26,6 +26,12 @@ How spans are read (see ``docs/report.md`` for the whole story):
 * A stage is **top level** in its request when no other stage encloses it (and it
   carries no ``inference.stage.parent``); only top-level stages take a share of
   the request's time, so nested time is never counted twice.
+* **Event loop.** Time the event loop was held (``inference.event_loop.blocked.duration``
+  on the spans it overlapped, from the runtime instrumentor) is the request's,
+  not the stage's: the ``event_loop`` row holds it (a ``request()`` span's own
+  total, else the sum over its top-level stages), and it is taken out of the
+  stages' and ``unattributed``'s tail shares. Synchronous stages carrying
+  ``inference.stage.cpu.duration`` get an on-CPU share.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from otel_inference import semconv
 from otel_inference.report._budgets import choose_budgets, learnt_budgets
 from otel_inference.report._model import (
+    LoopCulprit,
     Report,
     ReportError,
     SpanKey,
@@ -464,6 +471,7 @@ def _summarise(
         for key, by_request in spans_of.items()
     }
 
+    loop = _event_loop(requests, obs, durations)
     unattributed: dict[SpanKey, int] = {}
     for key, request in requests.items():
         declared = request.attributes.get(semconv.INFERENCE_UNATTRIBUTED)
@@ -472,6 +480,8 @@ def _summarise(
         else:
             covered = union_length(i for ivs in top_intervals[key].values() for i in ivs)
             unattributed[key] = max(0, durations[key] - covered)
+        if loop is not None:
+            unattributed[key] = max(0, unattributed[key] - loop.gap.get(key, 0))
 
     threshold = nearest_rank(list(durations.values()), 0.95)
     tail = [key for key, d in durations.items() if d >= threshold and d > 0]
@@ -489,7 +499,12 @@ def _summarise(
     for stage in top:
         row = _row(stage, "stage", values[(stage, None)], budgets=budgets)
         row.tail_share = tail_share(
-            {key: union_length(ivs[stage]) for key, ivs in top_intervals.items() if stage in ivs}
+            {
+                key: union_length(ivs[stage])
+                - (0 if loop is None else loop.held(key, stage, union_length(ivs[stage])))
+                for key, ivs in top_intervals.items()
+                if stage in ivs
+            }
         )
         if rate is not None:
             row.cost_per_request = work[(stage, None)] / 1e9 * rate / n
@@ -499,6 +514,11 @@ def _summarise(
     for child, parent in [k for k in nested if k[1] not in top]:
         rows.append(_nested_row(child, parent, values, work, rate, n, budgets))
 
+    if loop is not None:
+        held = _row(semconv.EVENT_LOOP, "event_loop", list(loop.requests.values()), budgets=budgets)
+        held.tail_share = tail_share(loop.requests)
+        rows.append(held)
+    _cpu_shares(rows, obs)
     gap = _row(semconv.UNATTRIBUTED, "unattributed", list(unattributed.values()), budgets=budgets)
     gap.tail_share = tail_share(unattributed)
     if rate is not None:
@@ -519,7 +539,11 @@ def _summarise(
         requests=n,
         rows=rows,
         verdict=decide(
-            rows, hit_ratio=hit_ratio, lookups=hits + misses, tail_threshold=threshold / 1e9
+            rows,
+            hit_ratio=hit_ratio,
+            lookups=hits + misses,
+            tail_threshold=threshold / 1e9,
+            loop_culprits=[] if loop is None else loop.culprits,
         ),
         percentile_method=PERCENTILE_METHOD,
         tail_threshold=threshold / 1e9,
@@ -529,7 +553,95 @@ def _summarise(
         cache_hit_ratio=hit_ratio,
         cache_lookups=hits + misses,
         notes=notes,
+        event_loop_culprits=[] if loop is None else loop.culprits,
     )
+
+
+def _number_attribute(span: SpanRecord, name: str) -> float | None:
+    value = span.attributes.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
+
+
+@dataclass
+class _LoopFigures:
+    """Time the event loop was held, per request and per (request, top-level stage)."""
+
+    requests: dict[SpanKey, int]
+    stages: dict[tuple[SpanKey, str], int]
+    gap: dict[SpanKey, int]  # held while no top-level stage was open (unattributed)
+    culprits: list[LoopCulprit]
+
+    def held(self, request: SpanKey, stage: str, stage_ns: int) -> int:
+        return min(stage_ns, self.stages.get((request, stage), 0))
+
+
+_MAX_CULPRITS = 5
+
+
+def _event_loop(
+    requests: Mapping[SpanKey, SpanRecord], obs: list[Observation], durations: Mapping[SpanKey, int]
+) -> _LoopFigures | None:
+    """The event loop's figures, or ``None`` when no span carries any (monitor off)."""
+    found = False
+    stages: dict[tuple[SpanKey, str], int] = defaultdict(int)
+    staged: dict[SpanKey, int] = defaultdict(int)
+    by_culprit: dict[tuple[str, str], int] = defaultdict(int)
+
+    def blame(span: SpanRecord, held_ns: int) -> None:
+        kind = span.attributes.get(semconv.INFERENCE_EVENT_LOOP_BLOCKED_KIND)
+        culprit = span.attributes.get(semconv.INFERENCE_EVENT_LOOP_BLOCKED_CULPRIT)
+        by_culprit[(str(kind or "unknown"), str(culprit or "unknown"))] += held_ns
+
+    for o in obs:
+        seconds = _number_attribute(o.span, semconv.INFERENCE_EVENT_LOOP_BLOCKED)
+        if seconds is None or o.parent is not None:
+            continue
+        found = True
+        held_ns = min(o.span.duration_ns, round(seconds * 1e9))
+        stages[(o.request, o.stage)] += held_ns
+        staged[o.request] += held_ns
+        blame(o.span, held_ns)
+    totals: dict[SpanKey, int] = {}
+    gap: dict[SpanKey, int] = {}
+    for key, request in requests.items():
+        declared = _number_attribute(request, semconv.INFERENCE_EVENT_LOOP_BLOCKED)
+        if declared is None:
+            totals[key] = min(durations[key], staged.get(key, 0))
+            continue
+        found = True
+        totals[key] = min(durations[key], round(declared * 1e9))
+        gap[key] = max(0, totals[key] - staged.get(key, 0))
+        if gap[key]:
+            blame(request, gap[key])
+    if not found:
+        return None
+    all_held = sum(by_culprit.values())
+    culprits = [
+        LoopCulprit(kind, culprit, held_ns / 1e9, held_ns / all_held)
+        for (kind, culprit), held_ns in sorted(by_culprit.items(), key=lambda item: -item[1])
+        if held_ns > 0
+    ][:_MAX_CULPRITS]
+    return _LoopFigures(totals, dict(stages), gap, culprits)
+
+
+def _cpu_shares(rows: list[StageRow], obs: list[Observation]) -> None:
+    """On-CPU share of the rows whose spans carry their thread CPU time."""
+    cpu: dict[tuple[str, str | None], float] = defaultdict(float)
+    wall: dict[tuple[str, str | None], int] = defaultdict(int)
+    seen: set[SpanKey] = set()
+    for o in obs:
+        seconds = _number_attribute(o.span, semconv.INFERENCE_STAGE_CPU)
+        if seconds is None or o.span.key in seen or _compressed_ns(o.span) is not None:
+            continue  # (a compressed span's CPU time is its first call's only)
+        seen.add(o.span.key)
+        cpu[(o.stage, o.parent)] += seconds * 1e9
+        wall[(o.stage, o.parent)] += o.span.duration_ns
+    for row in rows:
+        key = (row.stage, row.parent)
+        if wall.get(key):
+            row.cpu_share = min(1.0, cpu[key] / wall[key])
 
 
 _GC_NOTE_SHARE = 0.05  # GC pauses worth a sentence: 5% of the tail requests' time
