@@ -82,6 +82,7 @@ BLOCKED_KIND = semconv.INFERENCE_EVENT_LOOP_BLOCKED_KIND
 BLOCKED_CULPRIT = semconv.INFERENCE_EVENT_LOOP_BLOCKED_CULPRIT
 BLOCKED_STACK = "inference.event_loop.blocked.stack"
 BLOCKED_CPU_RATIO = "inference.event_loop.blocked.cpu_ratio"
+BLOCKED_THREADS = "inference.event_loop.blocked.threads"  # names and CPU time in the hold
 STAGE_CPU_DURATION = semconv.INFERENCE_STAGE_CPU
 KINDS = ("busy", "blocked", "starved", "unknown")
 
@@ -117,6 +118,8 @@ _LOOP_FILES = (
 _THREADING_FILE = threading.__file__
 _STARVED_LAG_NS = 2_000_000  # the watchdog itself waited this long for the GIL/CPU
 _SAMPLE_STEP_NS = 2_000_000  # watchdog sampling step while a heartbeat is overdue
+_IDLE_BEATS = 100  # heartbeats without any stage (1 s) before the loop counts as idle
+_IDLE_HEARTBEAT_NS = 250_000_000  # the heartbeat period of an idle loop
 
 
 def event_loop_threshold(environ: Mapping[str, str] | None = None) -> float:
@@ -190,6 +193,9 @@ class BlockedInterval:
             attributes[BLOCKED_STACK] = list(self.stack)
         if self.threads:
             attributes["thread.name"] = self.threads[0][0]
+            attributes[BLOCKED_THREADS] = [
+                f"{name}: {seconds:.4f} s CPU" for name, seconds in self.threads
+            ]
         return attributes
 
 
@@ -209,7 +215,7 @@ class _Stall:
 class _Snapshot:
     """CPU clocks at one instant: each Python thread's, and the whole process's."""
 
-    __slots__ = ("at_ns", "gc_ns", "process_ns", "threads")
+    __slots__ = ("at_ns", "gc_ns", "process_ns", "run_delay", "threads")
 
     def __init__(self) -> None:
         threads: dict[int, tuple[str, int]] = {}
@@ -227,7 +233,28 @@ class _Snapshot:
         self.threads = threads
         self.process_ns = time.process_time_ns()
         self.gc_ns = _GC.total_pause_ns
+        # Time each loop thread spent runnable but waiting for a CPU (Linux).
+        self.run_delay = {
+            watch.thread_id: _run_delay(watch.schedstat_fd)
+            for watch in list(_monitor._watches.values())
+            if watch.schedstat_fd is not None
+        }
         self.at_ns = perf_counter_ns()
+
+
+def _schedstat_fd() -> int | None:
+    """This thread's ``schedstat`` (on-CPU ns, run-queue wait ns, slices), kept open."""
+    try:
+        return os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+    except (OSError, AttributeError):
+        return None
+
+
+def _run_delay(fd: int) -> int:
+    try:
+        return int(os.pread(fd, 128, 0).split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class _LoopWatch:
@@ -237,6 +264,7 @@ class _LoopWatch:
         self.monitor = monitor
         self.loop = loop
         self.thread_id = threading.get_ident()
+        self.schedstat_fd = _schedstat_fd()
         self.intervals: deque[BlockedInterval] = deque(maxlen=_MAX_INTERVALS)
         self.due_ns = 0
         self.last_ns = 0
@@ -244,13 +272,38 @@ class _LoopWatch:
         self.stall: _Stall | None = None
         self.paused = False  # the watchdog saw the loop stopped: next lateness is no delay
         self.active = True
+        # Idle loops beat slowly (a wake costs ~0.1 ms of CPU on a busy VM); any
+        # stage on the loop speeds the heartbeat up again at once.
+        self.period_ns = monitor.period_ns
+        self.slow = False
+        self.touched = True  # a stage started or ended since the last heartbeat
+        self._idle_beats = 0
         self._handle: asyncio.TimerHandle | None = None
 
     def begin(self) -> None:
         self.last_cpu_ns = time.thread_time_ns()
         self.last_ns = perf_counter_ns()
-        self.due_ns = self.last_ns + self.monitor.period_ns
-        self._handle = self.loop.call_later(self.monitor.period_s, self._beat)
+        self.due_ns = self.last_ns + self.period_ns
+        self._schedule(self.period_ns / 1e9)
+
+    def speed_up(self) -> None:
+        """A stage on a slow (idle) loop: back to the full-resolution heartbeat now."""
+        self.touched = True
+        if not self.slow:
+            return
+        self.slow = False
+        self._idle_beats = 0
+        handle = self._handle
+        if handle is not None:
+            handle.cancel()
+        self.period_ns = self.monitor.period_ns
+        self.begin()
+
+    def close_fd(self) -> None:
+        fd, self.schedstat_fd = self.schedstat_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def cancel(self) -> None:
         self.active = False
@@ -267,8 +320,17 @@ class _LoopWatch:
             # A stage closed the last interval early (catch_up): wait for the new due time.
             self._schedule((self.due_ns - now) / 1e9)
             return
-        self._close(now)
-        self._schedule(self.monitor.period_s)
+        if self.touched:
+            self.touched = False
+            self._idle_beats = 0
+        else:
+            self._idle_beats += 1
+            if self._idle_beats >= _IDLE_BEATS and not self.slow:
+                self.slow = True
+        # The period of the beat scheduled now (its due time's estimate uses it).
+        period = _IDLE_HEARTBEAT_NS if self.slow else self.monitor.period_ns
+        self._close(now, period)
+        self._schedule(period / 1e9)
 
     def catch_up(self) -> None:
         """On the loop thread, when the heartbeat is overdue past the threshold:
@@ -277,7 +339,7 @@ class _LoopWatch:
         heartbeat, before it) sees it."""
         now = perf_counter_ns()
         if now - self.due_ns >= self.monitor.threshold_ns:
-            self._close(now)
+            self._close(now, self.period_ns)
 
     def _schedule(self, seconds: float) -> None:
         try:
@@ -285,7 +347,7 @@ class _LoopWatch:
         except RuntimeError:  # loop closing
             self.active = False
 
-    def _close(self, now: int) -> None:
+    def _close(self, now: int, next_period_ns: int) -> None:
         monitor = self.monitor
         try:
             delay_ns = max(0, now - self.due_ns)
@@ -300,7 +362,8 @@ class _LoopWatch:
             monitor.log_error()
         self.last_cpu_ns = time.thread_time_ns()
         self.last_ns = now
-        self.due_ns = now + monitor.period_ns
+        self.period_ns = next_period_ns
+        self.due_ns = now + next_period_ns
 
     def _interval(self, now: int, stall: _Stall | None) -> BlockedInterval:
         """The held interval ending now. It began after the last heartbeat; by
@@ -309,7 +372,7 @@ class _LoopWatch:
         it used since the last heartbeat ran before the hold: the hold cannot
         have begun earlier than the last heartbeat plus that CPU time."""
         monitor = self.monitor
-        start = max(self.last_ns, self.due_ns - monitor.period_ns // 2)
+        start = max(self.last_ns, self.due_ns - self.period_ns // 2)
         interval = BlockedInterval(start, now)
         if stall is not None and stall.due_ns != self.due_ns:
             stall = None  # seen for an earlier heartbeat
@@ -358,13 +421,25 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
     samples = stall.frames if stall is not None else []
     callbacks = [sample for sample in samples if sample]
     lag_ns = stall.lag_ns if stall is not None else 0
-    if interval.cpu_ratio >= 0.5:
-        interval.kind = "busy"
-    elif other_ns >= 0.5 * wall and (not callbacks or lag_ns >= _STARVED_LAG_NS):
-        interval.kind = "starved"
+    # Threads of this process ran more than the loop thread did (even when the
+    # CPUs are short, a GIL holder gets some CPU while the loop gets none).
+    others_ran = other_ns > loop_cpu and other_ns >= 0.1 * wall
+    # Runnable: on CPU, or waiting for one (Linux run-queue time).
+    queued = end.run_delay.get(loop_id, 0) - begin.run_delay.get(loop_id, 0)
+    runnable = loop_cpu + queued >= 0.5 * wall
+    if stall is None:
+        # Held past the threshold, yet the watchdog could not run once to sample
+        # it: the GIL (or every CPU) was taken, by the loop's callback or others.
+        interval.kind = "busy" if interval.cpu_ratio >= 0.5 else "starved"
+    elif others_ran and (not callbacks or lag_ns >= _STARVED_LAG_NS):
+        interval.kind = "starved"  # other threads held the GIL
+    elif callbacks and runnable:
+        interval.kind = "busy"  # CPU work in a callback (slowed further if CPUs are short)
+    elif not callbacks and queued >= 0.5 * wall:
+        interval.kind = "starved"  # ready to poll, waiting for a CPU
     elif callbacks:
-        interval.kind = "blocked"
-    elif samples:
+        interval.kind = "blocked"  # off CPU inside a callback: a blocking call
+    else:
         interval.kind = "starved"  # the loop was polling, yet was not scheduled
     if interval.kind in ("busy", "blocked"):
         if not callbacks:
@@ -377,11 +452,10 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
         sample = next(s for s in callbacks if s[0] == top)
         interval.stack = tuple(f"{f} ({_short(p)}:{n})" for f, p, n in sample)
     elif interval.kind == "starved":
-        named = others[:_MAX_THREADS_NAMED]
+        named = others[:_MAX_THREADS_NAMED] if others_ran else []
         interval.threads = tuple(named)
-        seconds = wall / 1e9
         interval.culprit = (
-            ", ".join(f"thread {name!r} ({used / seconds:.0%} CPU)" for name, used in named)
+            ", ".join(f"thread {name!r}" for name, _ in named)
             if named
             else "other processes (CPUs oversubscribed)"
         )
@@ -456,7 +530,7 @@ class LoopMonitor:
         self.period_ns = int(HEARTBEAT_S * 1e9)
         self._recorder: Any = None
         self._pid = os.getpid()
-        self._last_loop: object | None = None
+        self._last: _LoopWatch | None = None  # the loop watched last (hot-path check)
         self._watches: dict[int, _LoopWatch] = {}  # loop thread ident -> watch
         self._watchdog: threading.Thread | None = None
         self._watchdog_ident: int | None = None
@@ -476,7 +550,7 @@ class LoopMonitor:
         self.started = False
         with self._lock:
             watches, self._watches = self._watches, {}
-            self._last_loop = None
+            self._last = None
             self._stop.set()
             thread, self._watchdog = self._watchdog, None
         for watch in watches.values():
@@ -490,7 +564,7 @@ class LoopMonitor:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._watches = {}
-        self._last_loop = None
+        self._last = None
         self._watchdog = None
         self._watchdog_ident = None
         self._stop = threading.Event()
@@ -499,7 +573,14 @@ class LoopMonitor:
     def observe(self) -> None:
         """Start watching the running loop, if any (cheap when already watched)."""
         loop = asyncio._get_running_loop()
-        if loop is None or loop is self._last_loop:
+        if loop is None:
+            return
+        watch = self._last
+        if watch is not None and watch.loop is loop:
+            if watch.slow:
+                watch.speed_up()
+            else:
+                watch.touched = True
             return
         self._watch(loop)
 
@@ -518,7 +599,7 @@ class LoopMonitor:
                     watch = _LoopWatch(self, loop)
                     self._watches[ident] = watch
                     watch.begin()
-                self._last_loop = loop
+                self._last = watch
                 if self._watchdog is None:
                     self._stop = threading.Event()
                     self._watchdog = threading.Thread(
@@ -536,7 +617,13 @@ class LoopMonitor:
         thread without a loop (synchronous work), the thread's CPU clock."""
         loop = asyncio._get_running_loop()
         if loop is not None:
-            if loop is not self._last_loop:
+            watch = self._last
+            if watch is not None and watch.loop is loop:
+                if watch.slow:
+                    watch.speed_up()
+                else:
+                    watch.touched = True
+            else:
                 self._watch(loop)
             return None
         return time.thread_time_ns() if span is not None and span.is_recording() else None
@@ -555,6 +642,7 @@ class LoopMonitor:
             if watch is None:
                 return
             if watch.loop is asyncio._get_running_loop():
+                watch.touched = True
                 watch.catch_up()
             overlap, hits = blocked_overlap(watch.intervals, start_ns, end_ns)
             if not hits:
@@ -610,7 +698,7 @@ class LoopMonitor:
             now = perf_counter_ns()
             lag = max(0, now - intended)
             step = _SAMPLE_STEP_NS
-            wait_ns = self.threshold_ns
+            wait_ns = 1_000_000_000
             stalled = False
             frames = None
             for ident, watch in list(self._watches.items()):
@@ -618,8 +706,9 @@ class LoopMonitor:
                     with self._lock:
                         if self._watches.get(ident) is watch:
                             del self._watches[ident]
-                        if self._last_loop is watch.loop:
-                            self._last_loop = None
+                            watch.close_fd()
+                        if self._last is watch:
+                            self._last = None
                     continue
                 if not watch.loop.is_running():
                     watch.paused = True

@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,12 +55,15 @@ def calibrate_gil_hold(target_s: float) -> int:
 
 
 def hog(truth: Truth, stop: threading.Event, n: int, pause_s: float) -> None:
-    """The other culprit: C code that never releases the GIL while it runs."""
+    """The other culprit: C code that never releases the GIL while it runs.
+    Its pauses vary (0.5x to 1.5x ``pause_s``), as real work does: a fixed
+    pause would lock its phase to the monitor's heartbeat."""
+    pauses = random.Random(16)
     while not stop.is_set():
         start = time.time_ns()
         sum(range(n))
         truth.held.append((start, time.time_ns()))
-        stop.wait(pause_s)
+        stop.wait(pause_s * pauses.uniform(0.5, 1.5))
 
 
 async def handle(index: int, truth: Truth, block_every: int, block_s: float) -> None:
