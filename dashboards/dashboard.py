@@ -91,6 +91,42 @@ def _cost_per_1k() -> str:
     return f"(\n  {shared}\n  or\n  {own}\n)\n/ on () group_left\n{requests}\n* $cost_per_hour / 3600 * 1000"
 
 
+def _event_loop_panels() -> list[Panel]:
+    """Blocked event loops (issue 16): how late the loop runs, and how much of the
+    time it was held past the threshold, by kind (busy, blocked, starved)."""
+    delay = promql.quantile(0.99, promql.EVENT_LOOP_DELAY, promql.SERVICE, (SVC,), RATE)
+    return [
+        Panel(
+            "Event loop delay p99",
+            [Target(delay, "{{job}} p99")],
+            unit="s",
+            description=(
+                "How late the event loop ran a due heartbeat (inference.runtime.event_loop.delay; "
+                "semconv nodejs.eventloop.delay). Awaited stages wait this long on top of what "
+                "they awaited."
+            ),
+        ),
+        Panel(
+            "Event loop held (share of time) by kind",
+            [
+                Target(
+                    _sum_rate(
+                        promql.EVENT_LOOP_BLOCKED, by=f"{promql.SERVICE}, {promql.BLOCKED_KIND}"
+                    ),
+                    f"{{{{job}}}} {{{{{promql.BLOCKED_KIND}}}}}",
+                )
+            ],
+            unit="percentunit",
+            description=(
+                "Seconds per second the loop was held past OTEL_INFERENCE_EVENT_LOOP_THRESHOLD. "
+                "busy: CPU work in a callback; blocked: a blocking call in a callback; starved: "
+                "other threads or processes took the GIL or the CPUs. The culprits are on the "
+                "spans (event_loop.blocked events) and in otel-inference report."
+            ),
+        ),
+    ]
+
+
 def rows() -> list[tuple[str, list[Panel]]]:
     stage_label = f"{{{{{promql.STAGE}}}}}"
     count = promql.DURATION + "_count"
@@ -336,6 +372,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
                 ),
             ],
         ),
+        ("Event loop", _event_loop_panels()),
         (
             "Cost",
             [

@@ -35,6 +35,8 @@ TRANSFER_SIZE = metric(semconv.TRANSFER_SIZE, "bytes")  # histogram
 BATCH_SIZE = metric(semconv.BATCH_SIZE)  # histogram, unit {request}: no suffix
 BATCH_FILL_RATIO = metric(semconv.BATCH_FILL_RATIO)  # histogram, unit 1
 SERIALIZE_SIZE = metric(semconv.SERIALIZE_SIZE, "bytes")  # histogram
+EVENT_LOOP_DELAY = metric(semconv.EVENT_LOOP_DELAY, "seconds")  # histogram
+EVENT_LOOP_BLOCKED = metric(semconv.EVENT_LOOP_BLOCKED, "seconds_total")  # counter
 
 # Labels.
 STAGE = label(semconv.INFERENCE_STAGE)
@@ -43,6 +45,7 @@ ERROR_TYPE = label(semconv.ERROR_TYPE)
 COLD_START = label(semconv.INFERENCE_COLD_START)
 CACHE_RESULT = label(semconv.CACHE_RESULT)
 TOKEN_KIND = label(semconv.INFERENCE_TOKEN_KIND)
+BLOCKED_KIND = label(semconv.INFERENCE_EVENT_LOOP_BLOCKED_KIND)
 # The torch instrumentor's direction attribute (h2d | d2h); no semconv constant yet.
 TRANSFER_DIRECTION = label("inference.transfer.direction")
 # The service: `job` is what both a direct scrape (scrape config) and the Collector's

@@ -357,7 +357,9 @@ class _LoopWatch:
             else:
                 monitor.record_delay(delay_ns / 1e9)
                 if delay_ns >= monitor.threshold_ns:
-                    self.intervals.append(self._interval(now, stall))
+                    interval = self._interval(now, stall)
+                    self.intervals.append(interval)
+                    monitor.record_blocked(interval)
         except Exception:  # pragma: no cover - never break the loop
             monitor.log_error()
         self.last_cpu_ns = time.thread_time_ns()
@@ -505,6 +507,20 @@ def _callback_frames(frame: Any) -> tuple[tuple[str, str, int], ...]:
         frame = frame.f_back
         depth += 1
     return tuple(found)
+
+
+_KIND_ATTRIBUTES = {kind: {BLOCKED_KIND: kind} for kind in KINDS}
+
+
+def _blocked_counter(meter: metrics.Meter) -> metrics.Counter:
+    return meter.create_counter(
+        semconv.EVENT_LOOP_BLOCKED,
+        unit="s",
+        description=(
+            "Time the event loop was held past OTEL_INFERENCE_EVENT_LOOP_THRESHOLD, by kind "
+            "(busy, blocked, starved, unknown): its rate is the share of time the loop was held"
+        ),
+    )
 
 
 def _delay_histogram(meter: metrics.Meter) -> metrics.Histogram:
@@ -674,6 +690,13 @@ class LoopMonitor:
 
             recorder = self._recorder = get_recorder()
         recorder.instruments(_delay_histogram).record(seconds)
+
+    def record_blocked(self, interval: BlockedInterval) -> None:
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.instruments(_blocked_counter).add(
+                interval.duration_ns / 1e9, _KIND_ATTRIBUTES[interval.kind]
+            )
 
     def log_error(self) -> None:
         if not self._error_logged:

@@ -118,8 +118,12 @@ INFERENCE_PARSE_BYTES = "inference.parse.bytes"
 # stage and request spans it held; the report's ``event_loop`` row.
 EVENT_LOOP = "event_loop"  # report row and verdict category
 EVENT_LOOP_DELAY = "inference.runtime.event_loop.delay"  # [..._seconds] histogram
+# Counter, s: time in held intervals (over the threshold), attr INFERENCE_EVENT_LOOP_BLOCKED_KIND
+EVENT_LOOP_BLOCKED = "inference.runtime.event_loop.blocked"  # [..._seconds_total]
 INFERENCE_EVENT_LOOP_BLOCKED = "inference.event_loop.blocked.duration"  # s, overlap with the span
 INFERENCE_EVENT_LOOP_BLOCKED_COUNT = "inference.event_loop.blocked.count"
-INFERENCE_EVENT_LOOP_BLOCKED_KIND = "inference.event_loop.blocked.kind"  # busy|blocked|starved|unknown
+INFERENCE_EVENT_LOOP_BLOCKED_KIND = (
+    "inference.event_loop.blocked.kind"  # busy|blocked|starved|unknown
+)
 INFERENCE_EVENT_LOOP_BLOCKED_CULPRIT = "inference.event_loop.blocked.culprit"
 INFERENCE_STAGE_CPU = "inference.stage.cpu.duration"  # s on CPU (thread clock), sync stages

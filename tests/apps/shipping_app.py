@@ -19,6 +19,10 @@ The public ``stage()`` API covers the rest:
   batch (no torch model here), and ``inference.transfer.size`` is recorded here by
   hand under its semconv name.
 
+An asyncio client (its own thread and loop) runs requests whose ``preprocess``
+awaits, and every 10th holds the loop with ``time.sleep``: the runtime
+instrumentor's ``inference.runtime.event_loop.delay`` and ``...blocked``.
+
 postprocess sleeps past its budget (the one breaching stage) and fails on every
 10th request (``error_type`` series). Prints ``ready`` once the first requests
 are done; serves /metrics until stdin closes.
@@ -26,6 +30,7 @@ are done; serves /metrics until stdin closes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -100,8 +105,26 @@ def client(batcher: ThreadBatcher, done: threading.Barrier) -> None:
         time.sleep(0.01)
 
 
+def hold_the_loop() -> None:
+    time.sleep(0.03)  # a blocking call on the event loop (over the 20 ms threshold)
+
+
+async def async_client() -> None:
+    index = 0
+    while not stop.is_set():
+        with request():
+            async with stage(semconv.PREPROCESS):
+                await asyncio.sleep(0.002)
+            if index % 10 == 9:
+                hold_the_loop()
+        index += 1
+        await asyncio.sleep(0.01)
+
+
 def main() -> None:
     done = threading.Barrier(CLIENTS + 1)
+    # Started once the cold-start window is over: it stays the three clients'.
+    looped = threading.Thread(target=asyncio.run, args=(async_client(),), daemon=True)
     with ThreadBatcher(forward, max_batch_size=4, max_wait_ms=2) as batcher:
         threads = [
             threading.Thread(target=client, args=(batcher, done), daemon=True)
@@ -110,11 +133,13 @@ def main() -> None:
         for thread in threads:
             thread.start()
         done.wait()
+        looped.start()
         print("ready", flush=True)
         sys.stdin.read()  # serve /metrics (and keep the traffic going) until stdin closes
         stop.set()
         for thread in threads:
             thread.join(10)
+        looped.join(10)
 
 
 if __name__ == "__main__":
