@@ -589,8 +589,11 @@ class LoopMonitor:
     def observe(self) -> None:
         """Start watching the running loop, if any (cheap when already watched)."""
         loop = asyncio._get_running_loop()
-        if loop is None:
-            return
+        if loop is not None:
+            self._touch(loop)
+
+    def _touch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A stage on ``loop`` (this thread's running loop): watch it, keep it beating fast."""
         watch = self._last
         if watch is not None and watch.loop is loop:
             if watch.slow:
@@ -633,14 +636,7 @@ class LoopMonitor:
         thread without a loop (synchronous work), the thread's CPU clock."""
         loop = asyncio._get_running_loop()
         if loop is not None:
-            watch = self._last
-            if watch is not None and watch.loop is loop:
-                if watch.slow:
-                    watch.speed_up()
-                else:
-                    watch.touched = True
-            else:
-                self._watch(loop)
+            self._touch(loop)
             return None
         return time.thread_time_ns() if span is not None and span.is_recording() else None
 
