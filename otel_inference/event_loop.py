@@ -456,10 +456,10 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
     elif interval.kind == "starved":
         named = others[:_MAX_THREADS_NAMED] if others_ran else []
         interval.threads = tuple(named)
+        # The thread that took most CPU: a stable name to add up across intervals
+        # (all of them, with their CPU time, are on the event: BLOCKED_THREADS).
         interval.culprit = (
-            ", ".join(f"thread {name!r}" for name, _ in named)
-            if named
-            else "other processes (CPUs oversubscribed)"
+            f"thread {named[0][0]!r}" if named else "other processes (CPUs oversubscribed)"
         )
 
 

@@ -283,3 +283,66 @@ def test_a_forked_child_watches_its_own_loops(telemetry, runtime):
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _held(ms: float, culprit: str, kind: str = "blocked") -> dict:
+    return {
+        BLOCKED: ms / 1000,
+        "inference.event_loop.blocked.kind": kind,
+        "inference.event_loop.blocked.culprit": culprit,
+    }
+
+
+def test_report_takes_the_held_time_out_of_the_stages_exactly(tmp_path):
+    """Known spans: 9 requests of 10 ms, one of 100 ms whose feature_hydration
+    (90 ms) was held 80 ms by the loop, and 5 ms of its gap too (declared by its
+    request() span, 85 ms in all). The tail is that one request."""
+    from tests.apps.report_spans import GAP, SpanWriter, Step
+
+    writer = SpanWriter(tmp_path / "spans.jsonl")
+    for _ in range(9):
+        writer.request([("feature_hydration", 8), ("model_forward", 2)])
+    writer.request(
+        [
+            Step("feature_hydration", 90, _held(80, "load_profile_blocking (app.py:40)")),
+            ("model_forward", 2),
+            (GAP, 8),
+        ],
+        attributes=_held(85, "load_profile_blocking (app.py:40)"),
+    )
+    report = build_report(load_spans_file(writer.close()))
+
+    held = report.row("event_loop")
+    assert held.tail_share == pytest.approx(0.85)
+    assert held.p99 == pytest.approx(0.085) and held.p50 == 0
+    assert report.row("feature_hydration").tail_share == pytest.approx(0.10)
+    assert report.row("model_forward").tail_share == pytest.approx(0.02)
+    assert report.row("unattributed").tail_share == pytest.approx(0.03)  # 8 ms less 5 held
+    shares = [report.row(s).tail_share for s in ("feature_hydration", "model_forward")]
+    assert sum(shares) + held.tail_share + report.row("unattributed").tail_share == (
+        pytest.approx(1.0)
+    )
+    assert report.verdict.category == "event_loop" and report.verdict.stage == "event_loop"
+    assert report.event_loop_culprits[0].culprit == "load_profile_blocking (app.py:40)"
+    data = report_dict(report)
+    assert data["verdict"]["category"] == "event_loop"
+    assert data["event_loop_culprits"][0]["kind"] == "blocked"
+    table = render_table(report)
+    assert "Event loop held by:" in table and "event_loop" in table
+
+
+def test_without_the_monitor_the_report_is_unchanged(tmp_path):
+    from tests.apps.report_spans import SpanWriter
+
+    writer = SpanWriter(tmp_path / "spans.jsonl")
+    for _ in range(5):
+        writer.request([("feature_hydration", 8), ("model_forward", 2)])
+    report = build_report(load_spans_file(writer.close()))
+    assert [row.stage for row in report.rows] == [
+        "feature_hydration",
+        "model_forward",
+        "unattributed",
+        "request",
+    ]
+    assert report.event_loop_culprits == []
+    assert "on-CPU" not in render_table(report)
