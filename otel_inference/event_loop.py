@@ -116,6 +116,7 @@ _LOOP_FILES = (
     selectors.__file__,
 )
 _THREADING_FILE = threading.__file__
+_NATIVE = "threads outside Python"  # the process's CPU time no Python thread's clock has
 _STARVED_LAG_NS = 2_000_000  # the watchdog itself waited this long for the GIL/CPU
 _SAMPLE_STEP_NS = 2_000_000  # watchdog sampling step while a heartbeat is overdue
 _IDLE_BEATS = 100  # heartbeats without any stage (1 s) before the loop counts as idle
@@ -412,7 +413,7 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
             others.append((name, used / 1e9))
     native_ns = max(0, (end.process_ns - begin.process_ns) - python_ns)
     if native_ns > 0.1 * wall:
-        others.append(("threads outside Python", native_ns / 1e9))
+        others.append((_NATIVE, native_ns / 1e9))
     others.sort(key=lambda item: -item[1])
     other_ns = sum(seconds for _, seconds in others) * 1e9
     gc_ns = end.gc_ns - begin.gc_ns
@@ -458,9 +459,12 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
         interval.threads = tuple(named)
         # The thread that took most CPU: a stable name to add up across intervals
         # (all of them, with their CPU time, are on the event: BLOCKED_THREADS).
-        interval.culprit = (
-            f"thread {named[0][0]!r}" if named else "other processes (CPUs oversubscribed)"
-        )
+        if not named:
+            interval.culprit = "other processes (CPUs oversubscribed)"
+        elif named[0][0] == _NATIVE:
+            interval.culprit = f"{_NATIVE} (native pools: torch, BLAS, tokenizers)"
+        else:
+            interval.culprit = f"thread {named[0][0]!r}"
 
 
 def _culprit_start(interval: BlockedInterval, stall: _Stall | None) -> int | None:
