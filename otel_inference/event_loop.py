@@ -583,6 +583,8 @@ class LoopMonitor:
         exist here); the next stage in a loop starts fresh."""
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        for watch in list(self._watches.values()):
+            watch.close_fd()  # the parent's threads' files
         self._watches = {}
         self._last = None
         self._watchdog = None
@@ -635,24 +637,30 @@ class LoopMonitor:
         except Exception:
             self.log_error()
 
-    def stage_probe(self, span: Any) -> int | None:
+    def stage_probe(self, span: Any) -> tuple[int, int] | None:
         """At a stage's start: watch the running loop; for a recording span on a
         thread without a loop (synchronous work), the thread's CPU clock."""
         loop = asyncio._get_running_loop()
         if loop is not None:
             self._touch(loop)
             return None
-        return time.thread_time_ns() if span is not None and span.is_recording() else None
+        if span is None or not span.is_recording():
+            return None
+        return (threading.get_ident(), time.thread_time_ns())
 
     def annotate(
-        self, span: Any, start_ns: int, end_ns: int, cpu_start_ns: int | None = None
+        self, span: Any, start_ns: int, end_ns: int, probe: tuple[int, int] | None = None
     ) -> None:
         """Before a recording span ends: the blocked intervals of this thread's
-        loop that overlap ``[start_ns, end_ns]``, and the CPU time since
-        ``cpu_start_ns`` (synchronous stages)."""
+        loop that overlap ``[start_ns, end_ns]``, and for a synchronous stage
+        (``probe``: from :meth:`stage_probe`) its thread's CPU time since."""
         try:
-            if cpu_start_ns is not None:
-                span.set_attribute(STAGE_CPU_DURATION, (time.thread_time_ns() - cpu_start_ns) / 1e9)
+            if probe is not None:
+                thread, cpu_start_ns = probe
+                if thread == threading.get_ident():  # not when recorded later elsewhere
+                    span.set_attribute(
+                        STAGE_CPU_DURATION, (time.thread_time_ns() - cpu_start_ns) / 1e9
+                    )
                 return
             watch = self._watches.get(threading.get_ident())
             if watch is None:
