@@ -728,6 +728,8 @@ class StageRecorder:
         )
         if exc is not None and new_span.is_recording():
             _mark_error(new_span, exc, binding.exception_messages)
+        if _LOOP.started and new_span.is_recording():
+            _LOOP.annotate(new_span, start_ns, end_ns)
         held = HeldSpan(
             new_span,
             start_ns,
