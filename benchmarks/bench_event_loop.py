@@ -155,7 +155,9 @@ def ground_truth(kind: str, runs: int) -> list[dict[str, float]]:
                     truth = asyncio.run(serve(blocking=True))
                     culprit = "load_profile_blocking"
                 else:
-                    truth = asyncio.run(serve(hog_thread=True, requests=400))
+                    truth = asyncio.run(
+                        serve(hog_thread=True, requests=400, hold_s=0.1, pause_s=0.15)
+                    )
                     culprit = "thread 'cpu-hog'"
             finally:
                 gc.unfreeze()

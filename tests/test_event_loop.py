@@ -29,9 +29,9 @@ from tests.apps.loop_held_app import serve
 BLOCKED = "inference.event_loop.blocked.duration"
 # The target is 3 points: benchmarks/bench_event_loop.py measures the
 # error over repeated runs (results.md). A unit test on a shared 2-core machine
-# (load averages of 6-9 while this was written) keeps a margin that cannot
+# (load averages of 6-12 while this was written) keeps a margin that cannot
 # fail on scheduling noise alone, and still fails on a wrong attribution.
-POINTS = 0.10
+POINTS = 0.15
 
 
 @pytest.fixture
@@ -133,12 +133,19 @@ def test_a_blocking_call_on_the_loop_is_named_and_its_share_recovered(telemetry,
 
 def test_a_thread_hogging_the_gil_is_named_as_starving_the_loop(telemetry, runtime, tmp_path):
     report, truth = run_service(
-        telemetry, tmp_path, "thread 'cpu-hog'", hog_thread=True, requests=400
+        telemetry,
+        tmp_path,
+        "thread 'cpu-hog'",
+        hog_thread=True,
+        requests=400,
+        hold_s=0.1,
+        pause_s=0.15,
     )
     print(render_table(report))
     print(truth)
 
     assert truth["truth"] > 0.3
+    assert truth["measured"] == pytest.approx(truth["truth"], abs=POINTS)
     held = report.row("event_loop").tail_share
     assert held >= truth["truth"] - POINTS
     hydration = report.row("feature_hydration").tail_share
