@@ -131,8 +131,8 @@ OTEL_INFERENCE_EVENT_LOOP_THRESHOLD = "OTEL_INFERENCE_EVENT_LOOP_THRESHOLD"
 """
 .. envvar:: OTEL_INFERENCE_EVENT_LOOP_THRESHOLD
 
-An asyncio event loop held at least this long (``us``, ``ms`` or ``s``; default
-``20ms``) is a blocked interval: the runtime instrumentor's watchdog names what
+An asyncio event loop held at least this long (``us``, ``ms`` or ``s``, from
+``5ms`` to ``60s``; default ``20ms``) is a blocked interval: the runtime instrumentor's watchdog names what
 held it (the callback's function, or the threads that took the CPU/GIL), and
 the stages and requests it overlapped get the overlap
 (``inference.event_loop.blocked.duration``) and an ``event_loop.blocked`` event.

@@ -136,10 +136,11 @@ def event_loop_threshold(environ: Mapping[str, str] | None = None) -> float:
 
 
 def check_threshold(seconds: float, source: str = "event_loop_threshold") -> float:
-    """A usable threshold: above two heartbeat periods' noise, at most a minute."""
-    if not 0.001 <= seconds <= 60:
+    """A usable threshold: from 5 ms (a heartbeat normally runs up to 1 ms late:
+    the selector's timeout is whole milliseconds) to a minute."""
+    if not 0.005 <= seconds <= 60:
         raise ConfigurationError(
-            f"{source}={seconds:g}s must be from 1ms to 60s (the time a loop may be held "
+            f"{source}={seconds:g}s must be from 5ms to 60s (the time a loop may be held "
             "before the watchdog names what held it)"
         )
     return seconds
