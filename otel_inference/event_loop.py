@@ -435,6 +435,12 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
         # Held past the threshold, yet the watchdog could not run once to sample
         # it: the GIL (or every CPU) was taken, by the loop's callback or others.
         interval.kind = "busy" if interval.cpu_ratio >= 0.5 else "starved"
+    elif callbacks and interval.cpu_ratio >= 0.5:
+        interval.kind = "busy"  # CPU work in a callback
+    elif lag_ns >= 0.5 * wall:
+        # The watchdog, too, waited most of the hold to run: the GIL (or every
+        # CPU) was taken from both threads, whatever the loop was doing before.
+        interval.kind = "starved"
     elif others_ran and (not callbacks or lag_ns >= _STARVED_LAG_NS):
         interval.kind = "starved"  # other threads held the GIL
     elif callbacks and runnable:
