@@ -55,7 +55,7 @@ from opentelemetry.instrumentation.environment_variables import (
 )
 from opentelemetry.util._importlib_metadata import entry_points
 
-__all__ = ["configured_by", "start"]
+__all__ = ["configured_by", "exporter_span_processors", "start"]
 
 _logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -63,6 +63,9 @@ _lock = threading.Lock()
 # fork in the child's memory, which is how a forked worker knows its parent's.
 _started_pid: int | None = None
 _called_pid: int | None = None
+# Processes whose spans-file processor was made by exporter_span_processors(), for
+# a provider someone else builds (Ray Serve's): start() must not add a second.
+_spans_file_pids: set[int] = set()
 _AUTO_DIR = Path(auto_instrumentation.__file__).resolve().parent
 
 
@@ -160,7 +163,8 @@ def _configure_missing_signals() -> None:
         sampler = sdk_configuration._import_sampler(sdk_configuration._get_sampler())
         sdk_configuration._init_tracing(span_exporters, sampler=sampler, resource=resource)
     # Ours even on a provider someone else set: the variable says where spans go.
-    add_spans_file_processor()
+    if os.getpid() not in _spans_file_pids:
+        add_spans_file_processor()
     if meter_missing:
         sdk_configuration._init_metrics(metric_exporters, resource=resource)
 
@@ -195,3 +199,34 @@ def _load_missing_instrumentors(distro: Any) -> None:
             _logger.exception("otel-inference: instrumenting %s failed", entry_point.name)
     for entry_point in entry_points(group="opentelemetry_post_instrument"):
         entry_point.load()()
+
+
+def exporter_span_processors() -> list[Any]:
+    """A ``BatchSpanProcessor`` per ``OTEL_TRACES_EXPORTER`` exporter, plus one for
+    ``OTEL_INFERENCE_SPANS_FILE``: for frameworks that build their own tracer
+    provider from a list of processors (Ray Serve's tracing). Never raises: a
+    bad exporter or file is logged and left out."""
+    from opentelemetry.sdk import _configuration as sdk_configuration
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from otel_inference.config import ConfigurationError
+    from otel_inference.distro import spans_file
+
+    processors: list[Any] = []
+    try:
+        span_exporters, _, _ = sdk_configuration._import_exporters(
+            sdk_configuration._get_exporter_names("traces"), [], []
+        )
+        processors.extend(BatchSpanProcessor(exporter()) for exporter in span_exporters.values())
+    except Exception:
+        _logger.exception("otel-inference: cannot build the OTEL_TRACES_EXPORTER exporters")
+    try:
+        path = spans_file()
+        if path is not None:
+            from opentelemetry.exporter.otlp.json.file import FileSpanExporter
+
+            processors.append(BatchSpanProcessor(FileSpanExporter(path)))
+            _spans_file_pids.add(os.getpid())
+    except (ConfigurationError, OSError, ImportError) as exc:
+        _logger.error("otel-inference: %s; continuing without it", exc)
+    return processors

@@ -1,0 +1,87 @@
+"""Shared by the serving-framework tests (Ray Serve, LitServe): run a driver
+script that starts the framework for real on 127.0.0.1, and read what its
+workers exported (spans to an OTLP JSON Lines file, metrics over OTLP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tests.otlp_receiver import attributes_of
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def framework_env(receiver_endpoint: str, spans: Path, **variables: str) -> dict[str, str]:
+    """Traces to ``spans`` only, metrics over OTLP every 500 ms, the model offline."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+        "OTEL_SERVICE_NAME": "framework-embedder",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver_endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_INFERENCE_SPANS_FILE": str(spans),
+        "OTEL_INFERENCE_COLD_START_REQUESTS": "0",
+        "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "otel,process",  # process.pid per worker
+        **variables,
+    }
+
+
+def run_driver(script: str, env: dict[str, str], requests: int, timeout: float) -> dict[str, Any]:
+    """Run ``tests/apps/<script>`` (it starts and stops the framework); its last
+    stdout line that is a JSON object is the result."""
+    completed = subprocess.run(
+        [sys.executable, str(APPS / script), str(free_port()), str(requests)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert lines, completed.stderr[-4000:]
+    return {**json.loads(lines[-1]), "stderr": completed.stderr}
+
+
+def stage_counts(receiver: Any, metric: str = "inference.stage.duration") -> Counter[str]:
+    """Count of each ``parent/stage`` series (``stage`` at top level), summed over
+    the exporting processes, from each process's latest cumulative export."""
+    latest: dict[tuple[str, str], Any] = {}
+    with receiver._lock:
+        requests = list(receiver.metric_requests)
+    for request in requests:
+        for resource_metrics in request.resource_metrics:
+            resource = attributes_of(resource_metrics.resource.attributes)
+            process = str(resource.get("process.pid"))
+            for scope_metrics in resource_metrics.scope_metrics:
+                for found in scope_metrics.metrics:
+                    if found.name == metric:
+                        latest[(process, metric)] = found  # later exports are cumulative
+    counts: Counter[str] = Counter()
+    for found in latest.values():
+        for point in found.histogram.data_points:
+            attributes = attributes_of(point.attributes)
+            key = attributes["inference.stage"]
+            if attributes.get("inference.stage.parent"):
+                key = f"{attributes['inference.stage.parent']}/{key}"
+            counts[key] += point.count
+    return counts
+
+
+def close(a: list[float], b: list[float], tolerance: float = 1e-5) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))

