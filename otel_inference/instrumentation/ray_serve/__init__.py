@@ -23,7 +23,7 @@ deployment's code):
   the root of the replica's trace.
 
 Serve's own queues (the batch queue, the ASGI message queues) are
-``asyncio.Queue``\ s made in ``ray`` modules, which the queue instrumentor leaves
+``asyncio.Queue`` objects made in ``ray`` modules, which the queue instrumentor leaves
 out by default: the batch wait is recorded here once.
 
 Usage
