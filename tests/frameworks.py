@@ -58,10 +58,12 @@ def run_driver(script: str, env: dict[str, str], requests: int, timeout: float) 
     return {**json.loads(lines[-1]), "stderr": completed.stderr}
 
 
-def stage_counts(receiver: Any, metric: str = "inference.stage.duration") -> Counter[str]:
-    """Count of each ``parent/stage`` series (``stage`` at top level), summed over
-    the exporting processes, from each process's latest cumulative export."""
-    latest: dict[tuple[str, str], Any] = {}
+def stage_counts_by_process(
+    receiver: Any, metric: str = "inference.stage.duration"
+) -> dict[str, Counter[str]]:
+    """Per exporting process (``process.pid``), the count of each ``parent/stage``
+    series (``stage`` at top level), from that process's latest cumulative export."""
+    latest: dict[str, Any] = {}
     with receiver._lock:
         requests = list(receiver.metric_requests)
     for request in requests:
@@ -71,16 +73,23 @@ def stage_counts(receiver: Any, metric: str = "inference.stage.duration") -> Cou
             for scope_metrics in resource_metrics.scope_metrics:
                 for found in scope_metrics.metrics:
                     if found.name == metric:
-                        latest[(process, metric)] = found  # later exports are cumulative
-    counts: Counter[str] = Counter()
-    for found in latest.values():
+                        latest[process] = found  # later exports are cumulative
+    result: dict[str, Counter[str]] = {}
+    for process, found in latest.items():
+        counts: Counter[str] = Counter()
         for point in found.histogram.data_points:
             attributes = attributes_of(point.attributes)
             key = attributes["inference.stage"]
             if attributes.get("inference.stage.parent"):
                 key = f"{attributes['inference.stage.parent']}/{key}"
             counts[key] += point.count
-    return counts
+        result[process] = counts
+    return result
+
+
+def stage_counts(receiver: Any, metric: str = "inference.stage.duration") -> Counter[str]:
+    """:func:`stage_counts_by_process` summed over the processes."""
+    return sum(stage_counts_by_process(receiver, metric).values(), Counter())
 
 
 def close(a: list[float], b: list[float], tolerance: float = 1e-5) -> bool:
