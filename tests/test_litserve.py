@@ -1,12 +1,10 @@
 """LitServe for real: the MiniLM embedder as a LitAPI batched by LitServe
 (``max_batch_size=4``, ``batch_timeout=0.05``) in two inference workers, each
-instrumented by ``otel_inference.auto.start()`` in ``setup``; a plain API on the
-same server, whose workers do not start it, for the outputs.
+instrumented by ``otel_inference.auto.start()`` in ``setup``.
 
 Bounded: the driver starts one LitServe process group on 127.0.0.1 (one HTTP
-server, 2 workers per API), sends 4 + 2N requests per API and kills the group
-before it exits (timeout 300 s). Skipped when LitServe is not installed (extra
-``litserve``).
+server, 2 workers), sends 4 + 2N requests and kills the group before it exits
+(timeout 300 s). Skipped when LitServe is not installed (extra ``litserve``).
 """
 
 from __future__ import annotations
@@ -56,10 +54,12 @@ def served(tmp_path_factory) -> dict[str, Any]:
 
 
 def test_outputs_identical_with_and_without_instrumentation(served):
-    assert served["instrumented_sequential"] == served["plain_sequential"]  # bit for bit
-    assert len(served["instrumented"]) == len(served["plain"]) == N
-    for ours, theirs in zip(served["instrumented"], served["plain"], strict=True):
-        assert close(ours, theirs)
+    """The baseline is the same model code run by the driver, with no framework and
+    no instrumentation, one text at a time."""
+    assert served["sequential"] == served["baseline"]  # batches of one: bit for bit
+    assert len(served["concurrent"]) == N
+    for ours, theirs in zip(served["concurrent"], served["baseline"], strict=True):
+        assert close(ours, theirs)  # batched: padding and batch shape move the last bits
 
 
 def test_every_request_has_queue_wait_and_its_share_of_a_batch_in_metrics(served):
@@ -73,7 +73,7 @@ def test_every_request_has_queue_wait_and_its_share_of_a_batch_in_metrics(served
 
 def test_every_worker_is_measured(served):
     workers = {pid: counts for pid, counts in served["workers"].items() if counts["queue_wait"]}
-    assert len(workers) == 2, served["workers"]  # both workers of the instrumented API
+    assert len(workers) == 2, served["workers"]  # both workers
     assert sum(counts["queue_wait"] for counts in workers.values()) == REQUESTS
 
 
@@ -94,7 +94,8 @@ def test_spans_each_request_waits_then_shares_a_batch(served):
         batch = batches[link["spanId"]]
         assert request["spanId"] in {member["spanId"] for member in batch["links"]}
         assert int(batch["attrs"]["inference.batch.size"]) == len(batch["links"]) <= 4
-        assert int(wait["endTimeUnixNano"]) <= int(batch["startTimeUnixNano"]) + 1000
+        # The wait ends where the batch starts (to the same 1 ms of wall-clock derivation).
+        assert abs(int(wait["endTimeUnixNano"]) - int(batch["startTimeUnixNano"])) < 1_000_000
     for batch_id in batches:
         children = Counter(span["name"] for span in spans if span.get("parentSpanId") == batch_id)
         assert children["tokenize"] == 1 and children["model_forward"] == 1, children

@@ -7,10 +7,9 @@ Run::
     OTEL_SERVICE_NAME=embedder OTEL_METRICS_EXPORTER=prometheus \\
       python -m examples.frameworks.litserve_embedder --port 8000
 
-    curl -s 127.0.0.1:8000/instrumented -d '{"text": "hello"}'
+    curl -s 127.0.0.1:8000/embed -d '{"text": "hello"}'
 
-``/plain`` serves the same model from workers that do not start the
-instrumentation (the tests compare the two). See docs/litserve.md.
+See docs/litserve.md.
 """
 
 from __future__ import annotations
@@ -50,16 +49,8 @@ class Embedder(ls.LitAPI):
 
 
 def server(max_batch_size: int = 4, batch_timeout: float = 0.05, workers: int = 2) -> ls.LitServer:
-    apis = [
-        Embedder(
-            instrument=instrument,
-            max_batch_size=max_batch_size,
-            batch_timeout=batch_timeout,
-            api_path=f"/{name}",
-        )
-        for name, instrument in (("plain", False), ("instrumented", True))
-    ]
-    return ls.LitServer(apis, accelerator="cpu", devices=1, workers_per_device=workers, timeout=60)
+    api = Embedder(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/embed")
+    return ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=workers, timeout=60)
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """Start the LitServe embedder for real on 127.0.0.1 (one HTTP server, two
-inference workers per API), send the same N texts to its plain and
-instrumented APIs, print the answers as JSON, and stop every process it started.
+instrumented inference workers), send it N texts, print its answers and the
+same model's answers computed here without LitServe or instrumentation as JSON,
+and stop every process it started.
 
-``python litserve_driver.py PORT N``. Rounds per API as in ray_serve_driver.py:
-one text at a time (bit-identical answers expected), then N at once (batched by
-LitServe; float tolerance).
+``python litserve_driver.py PORT N``. Rounds as in ray_serve_driver.py: one text
+at a time (bit-identical to the baseline), then N at once (batched by LitServe;
+float tolerance).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+from examples.frameworks.baseline import embed_one_by_one
 
 TEXTS = [f"request {i}: " + "the quick brown fox " * (1 + i % 5) for i in range(int(sys.argv[2]))]
 
@@ -49,20 +52,19 @@ def main() -> None:
     )
     try:
         started = time.monotonic()
+        baseline = embed_one_by_one(TEXTS)  # while the workers load
         deadline = started + 180
         while not ready(base):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"LitServe did not become ready (exit code {process.poll()})")
             time.sleep(0.5)
         print(f"ready after {time.monotonic() - started:.1f} s", file=sys.stderr)
-        results = {}
+        results = {"baseline": baseline}
+        url = f"{base}/embed"
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for name in ("plain", "instrumented"):
-                list(pool.map(lambda t, n=name: post(f"{base}/{n}", t), TEXTS[:4]))  # warm-up
-            for name in ("plain", "instrumented"):
-                results[f"{name}_sequential"] = [post(f"{base}/{name}", t) for t in TEXTS]
-            for name in ("plain", "instrumented"):
-                results[name] = list(pool.map(lambda t, n=name: post(f"{base}/{n}", t), TEXTS))
+            list(pool.map(lambda t: post(url, t), TEXTS[:4]))  # warm-up
+            results["sequential"] = [post(url, t) for t in TEXTS]
+            results["concurrent"] = list(pool.map(lambda t: post(url, t), TEXTS))
         time.sleep(float(os.environ.get("DRIVER_EXPORT_WAIT_S", "2")))  # exporters' next tick
         print(json.dumps(results), flush=True)
     finally:

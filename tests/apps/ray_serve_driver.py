@@ -1,12 +1,12 @@
 """Start Ray Serve for real on 127.0.0.1 (bounded: 2 CPUs, small object store, no
-dashboard), deploy the MiniLM embedder twice (instrumented and not), send the
-same N texts to each, print the answers as JSON, and stop everything.
+dashboard), deploy the instrumented MiniLM embedder (one replica), send it N
+texts, print the answers and the same model's answers computed here without
+Ray or instrumentation as JSON, and stop everything.
 
-``python ray_serve_driver.py PORT N``. Two rounds per app: one text at a time
-(batches of one: answers must be bit-identical between the apps) and N at once
-(Serve batches them; answers agree to float tolerance, since the batch's padding
-and shape may differ). Every concurrent request to the instrumented app carries
-its own W3C ``traceparent``.
+``python ray_serve_driver.py PORT N``. Two rounds: one text at a time (batches
+of one: answers must be bit-identical to the baseline) and N at once (Serve
+batches them; float tolerance, since the batch's padding and shape differ).
+Every concurrent request carries its own W3C ``traceparent``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 from ray import serve
 
+from examples.frameworks.baseline import embed_one_by_one
 from examples.frameworks.ray_serve_embedder import Embedder
 
 TEXTS = [f"request {i}: " + "the quick brown fox " * (1 + i % 5) for i in range(int(sys.argv[2]))]
@@ -40,6 +41,7 @@ def post(url: str, text: str, traceparent: str | None) -> list[float]:
 
 def main() -> None:
     port = int(sys.argv[1])
+    baseline = embed_one_by_one(TEXTS)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -48,23 +50,18 @@ def main() -> None:
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for name, instrument in (("plain", False), ("instrumented", True)):
-            serve.run(
-                Embedder.options(name=f"embedder_{name}").bind(instrument=instrument),
-                name=name,
-                route_prefix=f"/{name}",
-            )
+        serve.run(
+            Embedder.options(name="embedder_instrumented").bind(instrument=True),
+            name="instrumented",
+            route_prefix="/instrumented",
+        )
         base = f"http://127.0.0.1:{port}"
         trace_ids = [secrets.token_hex(16) for _ in TEXTS]
-        results = {}
+        results = {"baseline": baseline}
         with ThreadPoolExecutor(max_workers=8) as pool:
-            # Warm both (first call pays model warm-up), then the measured round.
-            list(pool.map(lambda t: post(f"{base}/plain", t, None), TEXTS[:2]))
-            list(pool.map(lambda t: post(f"{base}/instrumented", t, None), TEXTS[:2]))
-            for name in ("plain", "instrumented"):
-                results[f"{name}_sequential"] = [post(f"{base}/{name}", t, None) for t in TEXTS]
-            results["plain"] = list(pool.map(lambda t: post(f"{base}/plain", t, None), TEXTS))
-            results["instrumented"] = list(
+            list(pool.map(lambda t: post(f"{base}/instrumented", t, None), TEXTS[:2]))  # warm-up
+            results["sequential"] = [post(f"{base}/instrumented", t, None) for t in TEXTS]
+            results["concurrent"] = list(
                 pool.map(
                     lambda args: post(
                         f"{base}/instrumented", args[0], f"00-{args[1]}-{secrets.token_hex(8)}-01"
