@@ -69,6 +69,15 @@ _spans_file_pids: set[int] = set()
 _AUTO_DIR = Path(auto_instrumentation.__file__).resolve().parent
 
 
+def _new_lock_in_child() -> None:
+    # A fork while another thread held the lock would leave it held forever in the child.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _is_proxy(provider: Any) -> bool:
     return type(provider).__name__.startswith(("Proxy", "NoOp", "_Proxy"))
 
@@ -101,7 +110,7 @@ def configured_by() -> str | None:
             f"meter provider {type(meter_provider).__module__}.{type(meter_provider).__name__}"
         )
     if found:
-        return "the application set a " + " and a ".join(found)
+        return "the application or its framework, which set a " + " and a ".join(found)
     return None
 
 

@@ -42,7 +42,9 @@ def post(url: str, text: str, traceparent: str | None) -> list[float]:
 def main() -> None:
     port = int(sys.argv[1])
     baseline = embed_one_by_one(TEXTS)
+    hook = os.environ.get("DRIVER_TRACING_HOOK")  # e.g. otel_inference.auto:start
     ray.init(
+        _tracing_startup_hook=hook,
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=100 * 1024 * 1024,
@@ -51,7 +53,7 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
-            Embedder.options(name="embedder_instrumented").bind(instrument=True),
+            Embedder.options(name="embedder_instrumented").bind(instrument=hook is None),
             name="instrumented",
             route_prefix="/instrumented",
         )
