@@ -70,7 +70,7 @@ from otel_inference.version import __version__
 
 __all__ = ["BATCH_STAGE", "LitServeInstrumentor"]
 
-BATCH_STAGE = "batch"
+BATCH_STAGE = semconv.BATCH  # the batch as each member experienced it, named apart from its inside
 _BATCH = "_otel_inference_batch"
 _REQUEST_SPAN = "inference.request"
 _START = "START"  # LitAPIStatus.START: LitServe's "picked up" notice, not a response

@@ -66,6 +66,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
+from otel_inference import semconv
 from otel_inference.batching import _Member, _Telemetry
 from otel_inference.instrumentation._base import InferenceInstrumentor
 from otel_inference.instrumentation._patch import Patches
@@ -74,7 +75,7 @@ from otel_inference.stages import StageRecorder, log_once
 
 __all__ = ["BATCH_STAGE", "RayServeInstrumentor", "span_processors"]
 
-BATCH_STAGE = "batch"
+BATCH_STAGE = semconv.BATCH  # the batch as each member experienced it, named apart from its inside
 _MEMBER = "_otel_inference_member"
 _TELEMETRY = "_otel_inference_telemetry"
 
