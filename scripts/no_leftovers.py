@@ -76,11 +76,15 @@ def main(argv: list[str]) -> int:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         print(f"no_leftovers: prctl failed (errno {ctypes.get_errno()})", file=sys.stderr)
         return 2
-    command = subprocess.Popen(argv)
+    started: list[subprocess.Popen] = []
     # Ctrl-C reaches the command (same process group); wait for it to clean up, then check.
-    # A Python handler, not SIG_IGN: handlers are reset on exec, an ignored signal is not.
+    # A handler, set before the command starts: exec resets a handled signal to its default,
+    # so the command gets Ctrl-C even where this process was started with SIGINT ignored (a
+    # background job); an ignored signal would stay ignored in the command too.
     signal.signal(signal.SIGINT, lambda *_: None)
-    signal.signal(signal.SIGTERM, lambda signum, _frame: command.send_signal(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _frame: [p.send_signal(signum) for p in started])
+    command = subprocess.Popen(argv)
+    started.append(command)
     status = command.wait()
     left = leftovers()
     if left:
