@@ -34,6 +34,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,23 @@ def ensure_redis_server() -> str:
     )
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block raise KeyboardInterrupt at its end."""
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            raise KeyboardInterrupt(f"signal {received[0]}")
+
+
 class Processes:
     """Every process the demo starts; ``stop_all()`` ends them, newest first."""
 
@@ -89,8 +107,9 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(args, start_new_session=True, **kwargs)
-        self.started.append((name, process))
+        with signals_deferred():  # a Ctrl-C between the two would leave the process unrecorded
+            process = subprocess.Popen(args, start_new_session=True, **kwargs)
+            self.started.append((name, process))
         return process
 
     @staticmethod
