@@ -2,8 +2,9 @@
 
     .venv/bin/python -m examples.run_demo            # from the repository root
 
-1. makes sure ``redis-server`` exists (``apt-get install redis-server`` when root,
-   otherwise it says what to run) and starts one on a free 127.0.0.1 port;
+1. checks that ``redis-server`` exists (``make demo`` installs it first with
+   ``scripts/bootstrap.sh`` when run as root; otherwise it says what to install) and
+   starts one on a free 127.0.0.1 port;
 2. seeds per-user features (about 10% of users will miss);
 3. starts ``examples/embedding_service`` under ``opentelemetry-instrument`` with the
    embedded defaults: spans to ``build/demo/spans.jsonl`` (OTLP JSON Lines, through
@@ -33,6 +34,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,30 +83,32 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 
 def ensure_redis_server() -> str:
-    """The redis-server binary; installed with apt-get when missing and we are root."""
+    """The redis-server binary (``make demo`` installs it first when run as root)."""
     found = shutil.which("redis-server")
     if found:
         return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        say("redis-server is missing: apt-get install redis-server")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        # Debian starts the packaged service on install; the demo runs its own.
-        subprocess.run(["service", "redis-server", "stop"], check=False, capture_output=True)
-        found = shutil.which("redis-server")
-        if found:
-            return found
     raise DemoError(
         "redis-server is not installed. Install it, then run `make demo` again:\n"
-        "    sudo apt-get install redis-server      # Debian/Ubuntu\n"
+        "    sudo apt-get install redis-server      # Debian/Ubuntu (make demo does this as root)\n"
         "    brew install redis                     # macOS"
     )
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block raise KeyboardInterrupt at its end."""
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            raise KeyboardInterrupt(f"signal {received[0]}")
 
 
 class Processes:
@@ -114,8 +118,9 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(args, start_new_session=True, **kwargs)
-        self.started.append((name, process))
+        with signals_deferred():  # a Ctrl-C between the two would leave the process unrecorded
+            process = subprocess.Popen(args, start_new_session=True, **kwargs)
+            self.started.append((name, process))
         return process
 
     @staticmethod

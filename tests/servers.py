@@ -1,7 +1,8 @@
 """Real servers for tests: redis-server and prometheus on 127.0.0.1, free ports.
 
-Tests never talk to anything but 127.0.0.1. Binaries come from Debian packages
-(``.ci/run`` installs them); missing binaries skip locally and fail under CI.
+Tests never talk to anything but 127.0.0.1. Binaries come from Debian packages, which
+``make test`` installs when run as root (scripts/bootstrap.sh); a missing binary skips its
+tests with the package to install, and fails them under CI.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sysconfig
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -28,14 +30,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def debian_package(command: str) -> str:
+    """The Debian package of a command, from the list scripts/bootstrap.sh installs from."""
+    for line in (ROOT / "scripts" / "debian-packages.txt").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields and fields[0] == command:
+            return fields[1]
+    return command
+
+
+def missing(need: str) -> NoReturn:
+    """Skip the test for a missing system package, naming it; under CI, fail it."""
+    message = (
+        f"{need} is not installed: sudo apt-get install {debian_package(need)} "
+        "(`make test` installs it when run as root)"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (apt-get install {name}; .ci/run does this)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(name)
     return path
+
+
+def require_python_headers() -> Path:
+    """Python.h of the running interpreter (torch.compile's C++ kernels include it)."""
+    header = Path(sysconfig.get_path("include")) / "Python.h"
+    if not header.exists():
+        missing("Python.h")
+    return header
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -22,6 +22,7 @@ from otel_inference import ConfigurationError, current_request, request, semconv
 from otel_inference.instrumentation.torch import TorchInstrumentor, _names  # noqa: E402
 from otel_inference.timing import CudaTimer  # noqa: E402
 from tests.fake_cuda import FakeBackend, FakeClock  # noqa: E402
+from tests.servers import require_binary, require_python_headers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FORWARD = semconv.MODEL_FORWARD
@@ -285,6 +286,9 @@ def test_torch_compile_module_is_one_stage_without_graph_breaks(instrumented, te
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    # inductor compiles C++ kernels: a compiler ($CXX, else g++) and the Python headers
+    require_binary(os.environ.get("CXX", "g++"))
+    require_python_headers()
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(mlp)
