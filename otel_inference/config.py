@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_EXCEPTION_MESSAGES,
+    OTEL_INFERENCE_PROMETHEUS_PORTS,
     OTEL_INFERENCE_ROOT_STAGES,
 )
 
@@ -56,3 +57,20 @@ def parse_bool(name: str, environ: Mapping[str, str] | None = None, default: boo
 def exception_messages_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """:envvar:`OTEL_INFERENCE_EXCEPTION_MESSAGES` (default false)."""
     return parse_bool(OTEL_INFERENCE_EXCEPTION_MESSAGES, environ)
+
+
+MAX_PROMETHEUS_PORTS = 1024
+
+
+def prometheus_ports(environ: Mapping[str, str] | None = None) -> int:
+    """:envvar:`OTEL_INFERENCE_PROMETHEUS_PORTS` (default 1: the base port only)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(OTEL_INFERENCE_PROMETHEUS_PORTS, "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PROMETHEUS_PORTS:
+        raise ConfigurationError(
+            f"{OTEL_INFERENCE_PROMETHEUS_PORTS}={raw!r} must be a whole number of ports "
+            f"from 1 to {MAX_PROMETHEUS_PORTS} (one per process of the server)"
+        )
+    return int(raw)
