@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from dashboards import alerts, promql
 from tests.instrumented import OPENTELEMETRY_INSTRUMENT, otlp_env, prometheus_env
 from tests.otlp_receiver import attributes_of
 from tests.servers import LOCALHOST, free_port, wait_until
+from tests.test_dashboards_live import panel_queries
 
 pytestmark = pytest.mark.e2e
 
@@ -65,6 +67,22 @@ SERVERS = {
 # Processes that import the app (and so run its one warm-up stage): each spawned
 # or forked-then-importing worker, or only the parent when it preloads.
 WARMUPS = {"uvicorn": WORKERS, "gunicorn": WORKERS, "gunicorn-preload": 1}
+
+
+# The dashboard's variables: the fixture's scrape job is "app".
+DASHBOARD_VARIABLES = {
+    "service": "app",
+    "stage": "model_forward",
+    "cost_per_hour": "2.5",
+    "cold_start": "true",
+    "__rate_interval": "1m",
+}
+
+
+def substitute(expr: str) -> str:
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: DASHBOARD_VARIABLES[m.group(1) or m.group(2)], expr
+    )
 
 
 def free_port_range(count: int) -> int:
@@ -320,6 +338,13 @@ def test_prometheus_one_port_per_worker_scraped_by_prometheus(prometheus_server,
             model_forward = wait_until(p95_over_budget, 30, "p95 / budget", interval=0.5)
             assert len(model_forward) == 1
             assert 0 < float(model_forward[0]["value"][1]) <= 1
+            # Every query of the committed dashboard evaluates over several instances
+            # (a join on an undeduplicated budget would be a many-to-many error), and
+            # the budget panel shows the stage once, not once per worker.
+            for title, _, expr in panel_queries():
+                result = prometheus_server.query(substitute(expr))  # raises on an error
+                if title == "Stage p95 / budget":
+                    assert len(result) == 1 and 0 < float(result[0]["value"][1]) <= 1
         finally:
             prometheus_server.set_targets([])
     stderr = log.read_text()
