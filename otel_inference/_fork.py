@@ -101,7 +101,45 @@ def _reset_global_meter_provider() -> None:
     reset_meter_provider(metrics.get_meter_provider())
 
 
+# gRPC channels the child abandoned: never closed here (closing tears down state
+# that is the parent's), never collected (collection would close them).
+_abandoned_channels: list[Any] = []
+
+
+def _exporters() -> list[Any]:
+    """The exporters of the global SDK providers (span processors, metric readers)."""
+    from opentelemetry import metrics, trace
+
+    found = []
+    multi = getattr(trace.get_tracer_provider(), "_active_span_processor", None)
+    for processor in getattr(multi, "_span_processors", ()):
+        found.append(getattr(processor, "span_exporter", None))
+    config = getattr(metrics.get_meter_provider(), "_sdk_config", None)
+    for reader in getattr(config, "metric_readers", ()):
+        found.append(getattr(reader, "_exporter", None))
+    return [exporter for exporter in found if exporter is not None]
+
+
+def renew_grpc_channels() -> int:
+    """Give the OTLP/gRPC exporters of the global providers a channel of the child's own.
+
+    A channel made in the parent, perhaps mid-export at fork time, is the parent's:
+    gRPC supports using it in a child only in limited ways. Returns how many were
+    renewed."""
+    renewed = 0
+    for exporter in _exporters():
+        channel = getattr(exporter, "_channel", None)
+        renew = getattr(exporter, "_initialize_channel_and_stub", None)
+        if channel is None or renew is None:
+            continue
+        _abandoned_channels.append(channel)
+        renew()
+        renewed += 1
+    return renewed
+
+
 after_fork_in_child(_reset_global_meter_provider)
+after_fork_in_child(renew_grpc_channels)
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_run_hooks)

@@ -165,6 +165,14 @@ def served_by_instance(answers: list[dict]) -> Counter:
     return Counter(answer["instance"] for answer in answers)
 
 
+def settle(observe, expected, what: str, timeout: float = 30) -> None:
+    """Wait until ``observe()`` equals ``expected``; on timeout, fail showing both."""
+    try:
+        wait_until(lambda: observe() == expected, timeout, what, interval=0.2)
+    except TimeoutError:
+        assert observe() == expected, f"{what} never settled"
+
+
 def base_env(**variables: str) -> dict[str, str]:
     return {
         "OTEL_SERVICE_NAME": "workers-app",
@@ -177,21 +185,27 @@ def base_env(**variables: str) -> dict[str, str]:
 # --- OTLP (the default) ------------------------------------------------------------
 
 
+def by_instance(requests, resources: str, scopes: str, items: str):
+    """``(service.instance.id, item)`` of every span or metric in OTLP export requests."""
+    for request in requests:
+        for resource in getattr(request, resources):
+            instance = attributes_of(resource.resource.attributes).get(INSTANCE)
+            for scope in getattr(resource, scopes):
+                for item in getattr(scope, items):
+                    yield instance, item
+
+
 def otlp_counts(receiver, stage_name: str) -> Counter:
     """Latest cumulative count of ``stage_name`` per service.instance.id."""
     latest: dict[str, int] = {}
     with receiver._lock:
         requests = list(receiver.metric_requests)
-    for request in requests:
-        for resource_metrics in request.resource_metrics:
-            instance = attributes_of(resource_metrics.resource.attributes).get(INSTANCE)
-            for scope_metrics in resource_metrics.scope_metrics:
-                for metric in scope_metrics.metrics:
-                    if metric.name != "inference.stage.duration":
-                        continue
-                    for point in metric.histogram.data_points:
-                        if attributes_of(point.attributes).get("inference.stage") == stage_name:
-                            latest[instance] = max(latest.get(instance, 0), point.count)
+    for instance, metric in by_instance(requests, "resource_metrics", "scope_metrics", "metrics"):
+        if metric.name != "inference.stage.duration":
+            continue
+        for point in metric.histogram.data_points:
+            if attributes_of(point.attributes).get("inference.stage") == stage_name:
+                latest[instance] = max(latest.get(instance, 0), point.count)
     return Counter(latest)
 
 
@@ -201,15 +215,11 @@ def otlp_spans(receiver, name: str) -> Counter:
     ids = set()
     with receiver._lock:
         requests = list(receiver.trace_requests)
-    for request in requests:
-        for resource_spans in request.resource_spans:
-            instance = attributes_of(resource_spans.resource.attributes).get(INSTANCE)
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    if span.name == name:
-                        assert span.span_id not in ids, "a span exported twice"
-                        ids.add(span.span_id)
-                        seen[instance] += 1
+    for instance, span in by_instance(requests, "resource_spans", "scope_spans", "spans"):
+        if span.name == name:
+            assert span.span_id not in ids, "a span exported twice"
+            ids.add(span.span_id)
+            seen[instance] += 1
     return seen
 
 
@@ -228,15 +238,8 @@ def test_otlp_every_worker_counted_once(server, otlp_receiver, tmp_path):
         answers = drive(port)
         expected = served_by_instance(answers)
 
-        def histograms_complete():
-            return otlp_counts(otlp_receiver, "model_forward") == expected
-
-        wait_until(histograms_complete, 30, "every request in the OTLP histograms")
-        wait_until(
-            lambda: otlp_spans(otlp_receiver, "model_forward") == expected,
-            30,
-            "every request's span",
-        )
+        settle(lambda: otlp_counts(otlp_receiver, "model_forward"), expected, "histograms")
+        settle(lambda: otlp_spans(otlp_receiver, "model_forward"), expected, "spans")
         warmups = WARMUPS[server]
         wait_until(
             lambda: sum(otlp_counts(otlp_receiver, "warmup").values()) >= warmups,
@@ -341,10 +344,12 @@ def test_prometheus_one_port_per_worker_scraped_by_prometheus(prometheus_server,
             # Every query of the committed dashboard evaluates over several instances
             # (a join on an undeduplicated budget would be a many-to-many error), and
             # the budget panel shows the stage once, not once per worker.
+            budget_panel = []
             for title, _, expr in panel_queries():
                 result = prometheus_server.query(substitute(expr))  # raises on an error
                 if title == "Stage p95 / budget":
-                    assert len(result) == 1 and 0 < float(result[0]["value"][1]) <= 1
+                    budget_panel = [float(r["value"][1]) for r in result]
+            assert len(budget_panel) == 1 and 0 < budget_panel[0] <= 1
         finally:
             prometheus_server.set_targets([])
     stderr = log.read_text()
@@ -447,3 +452,38 @@ def test_plain_fork_restarts_everything_and_exports_once(tmp_path):
         for span in scope["spans"]
     )
     assert names["warmup"] == 1 and names["child_stage"] == 1
+
+
+GRPC_FORK_SCRIPT = """
+import json, os
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+import otel_inference  # noqa: F401  (the fork hooks)
+
+provider = TracerProvider()
+exporter = OTLPSpanExporter(endpoint="127.0.0.1:9", insecure=True, timeout=1)
+provider.add_span_processor(BatchSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+parents = exporter._channel
+pid = os.fork()
+if pid == 0:
+    print(json.dumps({"child_renewed": exporter._channel is not parents}), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print(json.dumps({"parent_kept": exporter._channel is parents}), flush=True)
+"""
+
+
+def test_forked_child_gets_its_own_grpc_channel():
+    completed = subprocess.run(
+        [sys.executable, "-c", GRPC_FORK_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    child, parent = (json.loads(line) for line in completed.stdout.splitlines())
+    assert child == {"child_renewed": True} and parent == {"parent_kept": True}

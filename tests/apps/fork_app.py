@@ -37,6 +37,20 @@ assert add_spans_file_processor(tracer_provider) == spans_file
 get_recorder().configure(tracer_provider, meter_provider)
 gc_monitor().start()
 
+
+def stage_counts() -> dict[str, int]:
+    """``inference.stage.duration`` count per stage, as this process exports it."""
+    data = reader.get_metrics_data()
+    return {
+        point.attributes["inference.stage"]: point.count
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "inference.stage.duration"
+        for point in metric.data.data_points
+    }
+
+
 # The parent at work: a stage, a batch (worker thread started), a CUDA timing
 # pending on the resolver thread, a GC pause not yet recorded.
 with stage("warmup"):
@@ -94,18 +108,9 @@ if pid == 0:
         outputs=outputs,
         timer_flushed=timer.flush(10),
         timer_resolved=resolved,
-        points=None,
     )
     tracer_provider.force_flush()
-    data = reader.get_metrics_data()
-    result["points"] = {
-        point.attributes["inference.stage"]: point.count
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == "inference.stage.duration"
-        for point in metric.data.data_points
-    }
+    result["points"] = stage_counts()
     print(json.dumps(result), flush=True)
     os._exit(0)
 
@@ -113,13 +118,4 @@ release.set()
 holder.join()
 _, status = os.waitpid(pid, 0)
 tracer_provider.force_flush()
-data = reader.get_metrics_data()
-points = {
-    point.attributes["inference.stage"]: point.count
-    for rm in data.resource_metrics
-    for sm in rm.scope_metrics
-    for metric in sm.metrics
-    if metric.name == "inference.stage.duration"
-    for point in metric.data.data_points
-}
-print(json.dumps({"role": "parent", "child_status": status, "points": points}), flush=True)
+print(json.dumps({"role": "parent", "child_status": status, "points": stage_counts()}), flush=True)
