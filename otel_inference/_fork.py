@@ -13,6 +13,8 @@ in the child, by hooks registered here (:func:`after_fork_in_child`):
   aggregations, GC pauses not yet recorded, counter totals), so nothing is
   exported twice: the parent exports its own measurements, each child only
   what it measured itself.
+* the OTLP/gRPC exporters get a channel of the child's own
+  (:func:`renew_grpc_channels`).
 
 The SDK restarts its own export threads after a fork and gives the child a new
 ``service.instance.id``; :func:`reset_meter_provider` adds the missing piece,
