@@ -85,6 +85,15 @@ def reset_meter_provider(meter_provider: Any) -> bool:
         return False
     if hasattr(consumer, "_lock"):
         consumer._lock = threading.Lock()
+    # Locks the SDK's own fork handlers leave as they were: the periodic reader's
+    # export lock (held for a whole export: a fork during one froze the child's
+    # metrics for good) and each meter's instrument registration lock.
+    for reader in list(storages):
+        if hasattr(reader, "_export_lock"):
+            reader._export_lock = threading.Lock()
+    for meter in list(getattr(meter_provider, "_meters", {}).values()):
+        if hasattr(meter, "_instrument_registration_lock"):
+            meter._instrument_registration_lock = threading.Lock()
     for storage in storages.values():
         if hasattr(storage, "_lock"):
             storage._lock = threading.RLock()
@@ -116,8 +125,7 @@ def _exporters() -> list[Any]:
     multi = getattr(trace.get_tracer_provider(), "_active_span_processor", None)
     for processor in getattr(multi, "_span_processors", ()):
         found.append(getattr(processor, "span_exporter", None))
-    config = getattr(metrics.get_meter_provider(), "_sdk_config", None)
-    for reader in getattr(config, "metric_readers", ()):
+    for reader in getattr(metrics.get_meter_provider(), "_metric_readers", ()):
         found.append(getattr(reader, "_exporter", None))
     return [exporter for exporter in found if exporter is not None]
 

@@ -226,9 +226,15 @@ def otlp_spans(receiver, name: str) -> Counter:
 @pytest.mark.parametrize("server", sorted(SERVERS))
 def test_otlp_every_worker_counted_once(server, otlp_receiver, tmp_path):
     port = free_port()
+    spans_file = tmp_path / "spans.jsonl"
     env = otlp_env(
         otlp_receiver.endpoint,
-        **base_env(OTEL_METRIC_EXPORT_INTERVAL="300", OTEL_BSP_SCHEDULE_DELAY="100"),
+        **base_env(
+            OTEL_METRIC_EXPORT_INTERVAL="300",
+            OTEL_BSP_SCHEDULE_DELAY="100",
+            # Every process appends to the one span file too.
+            OTEL_INFERENCE_SPANS_FILE=str(spans_file),
+        ),
     )
     # The distro's defaults: OTLP for traces and metrics.
     env.pop("OTEL_TRACES_EXPORTER", None)
@@ -258,6 +264,15 @@ def test_otlp_every_worker_counted_once(server, otlp_receiver, tmp_path):
     assert sum(otlp_spans(otlp_receiver, "warmup").values()) == warmups
     if server == "gunicorn-preload":
         assert not set(warmup) & set(expected)  # the parent's instance, not a worker's
+    # The span file: whole lines from every process, each span once.
+    in_file = Counter(
+        span["name"]
+        for line in spans_file.read_text().splitlines()
+        for resource in json.loads(line)["resourceSpans"]
+        for scope in resource["scopeSpans"]
+        for span in scope["spans"]
+    )
+    assert in_file["model_forward"] == REQUESTS and in_file["warmup"] == warmups, in_file
 
 
 # --- Prometheus pull ---------------------------------------------------------------
@@ -436,6 +451,8 @@ def test_plain_fork_restarts_everything_and_exports_once(tmp_path):
     # ...and every worker restarted there: the batcher, the CUDA event resolver.
     assert child["outputs"] == [0, 2, 4]
     assert child["timer_flushed"] and child["timer_resolved"] == [1_000_000]
+    # The periodic reader's export lock was held at fork: the child still exports.
+    assert child["periodic_flushed"]
     # Each process exports what it measured, nothing of the other's.
     assert "warmup" not in child["points"]
     assert child["points"]["model_forward"] == 3 and child["points"]["child_stage"] == 1
@@ -456,23 +473,30 @@ def test_plain_fork_restarts_everything_and_exports_once(tmp_path):
 
 GRPC_FORK_SCRIPT = """
 import json, os
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 import otel_inference  # noqa: F401  (the fork hooks)
 
+spans = OTLPSpanExporter(endpoint="127.0.0.1:9", insecure=True, timeout=1)
 provider = TracerProvider()
-exporter = OTLPSpanExporter(endpoint="127.0.0.1:9", insecure=True, timeout=1)
-provider.add_span_processor(BatchSpanProcessor(exporter))
+provider.add_span_processor(BatchSpanProcessor(spans))
 trace.set_tracer_provider(provider)
-parents = exporter._channel
+points = OTLPMetricExporter(endpoint="127.0.0.1:9", insecure=True, timeout=1)
+reader = PeriodicExportingMetricReader(points, export_interval_millis=3_600_000)
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+parents = (spans._channel, points._channel)
 pid = os.fork()
 if pid == 0:
-    print(json.dumps({"child_renewed": exporter._channel is not parents}), flush=True)
+    renewed = [a is not b for a, b in zip((spans._channel, points._channel), parents)]
+    print(json.dumps({"child_renewed": renewed}), flush=True)
     os._exit(0)
 os.waitpid(pid, 0)
-print(json.dumps({"parent_kept": exporter._channel is parents}), flush=True)
+print(json.dumps({"parent_kept": (spans._channel, points._channel) == parents}), flush=True)
 """
 
 
@@ -486,4 +510,4 @@ def test_forked_child_gets_its_own_grpc_channel():
     )
     assert completed.returncode == 0, completed.stderr
     child, parent = (json.loads(line) for line in completed.stdout.splitlines())
-    assert child == {"child_renewed": True} and parent == {"parent_kept": True}
+    assert child == {"child_renewed": [True, True]} and parent == {"parent_kept": True}

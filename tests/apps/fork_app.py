@@ -16,7 +16,12 @@ from pathlib import Path
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.trace import TracerProvider
 
 from otel_inference import get_recorder, stage
@@ -28,8 +33,30 @@ from tests.fake_cuda import FakeBackend, FakeClock
 
 spans_file = Path(sys.argv[1])
 os.environ["OTEL_INFERENCE_SPANS_FILE"] = str(spans_file)
+
+
+class CountingExporter(MetricExporter):
+    """Counts exports: the periodic reader holds its export lock around each one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exports = 0
+
+    def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
+        self.exports += 1
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        pass
+
+
 reader = InMemoryMetricReader()
-meter_provider = MeterProvider(metric_readers=[reader])
+exporter = CountingExporter()
+periodic = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+meter_provider = MeterProvider(metric_readers=[reader, periodic])
 tracer_provider = TracerProvider()
 metrics.set_meter_provider(meter_provider)
 trace.set_tracer_provider(tracer_provider)
@@ -75,7 +102,7 @@ release = threading.Event()
 
 
 def hold_locks() -> None:
-    with gc_monitor()._lock, batcher._cond, file_exporter._lock:
+    with gc_monitor()._lock, batcher._cond, file_exporter._lock, periodic._export_lock:
         file_exporter._stream.write(json.dumps({"parent_pending": os.getpid()}) + "\n")
         held.set()
         release.wait()
@@ -111,6 +138,7 @@ if pid == 0:
     )
     tracer_provider.force_flush()
     result["points"] = stage_counts()
+    result["periodic_flushed"] = periodic.force_flush(10_000) and exporter.exports == 1
     print(json.dumps(result), flush=True)
     os._exit(0)
 
