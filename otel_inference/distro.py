@@ -5,7 +5,11 @@ the SDK (tracer and meter providers, exporters from ``OTEL_*_EXPORTER``) and
 loads every otel-inference instrumentor whose library is present. Defaults:
 traces and metrics over OTLP (``OTEL_TRACES_EXPORTER=otlp``,
 ``OTEL_METRICS_EXPORTER=otlp``); ``OTEL_METRICS_EXPORTER=prometheus`` serves a
-scrape endpoint instead (extra ``otel-inference[prometheus]``).
+scrape endpoint instead (extra ``otel-inference[prometheus]``), served by
+:class:`otel_inference.prometheus.PrometheusEndpointReader`: a port in use is
+one logged line (the process keeps its other signals), and
+``OTEL_INFERENCE_PROMETHEUS_PORTS`` gives each worker of a multi-process server
+a port of its own (docs/workers.md).
 
 Our variables are validated here, at startup: a malformed budget is logged at
 ERROR naming the bad entry and the application starts without budgets.
