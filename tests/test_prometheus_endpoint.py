@@ -17,7 +17,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 
 from otel_inference.config import ConfigurationError, prometheus_ports
-from otel_inference.prometheus import PrometheusEndpointReader
+from otel_inference.prometheus import PrometheusEndpointReader, prometheus_base_port
 from tests.instrumented import OPENTELEMETRY_INSTRUMENT, prometheus_env
 from tests.servers import LOCALHOST, free_port
 
@@ -28,7 +28,7 @@ APP = Path(__file__).resolve().parent / "apps" / "staged_app.py"
 def readers():
     made = []
 
-    def make(monkeypatch, port: int, ports: str | None = None) -> PrometheusEndpointReader:
+    def make(monkeypatch, port: int | str, ports: str | None = None) -> PrometheusEndpointReader:
         monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", LOCALHOST)
         monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", str(port))
         if ports is None:
@@ -128,3 +128,14 @@ def test_instrumented_app_with_its_port_taken_still_traces(tmp_path):
     assert "Traceback" not in completed.stderr, completed.stderr
     mentions = [line for line in completed.stderr.splitlines() if "already in use" in line]
     assert len(mentions) == 1 and f"OTEL_EXPORTER_PROMETHEUS_PORT={port}" in mentions[0]
+
+
+@pytest.mark.parametrize("raw", ["http", "0", "70000"])
+def test_a_bad_base_port_is_one_line_not_an_exception(readers, monkeypatch, caplog, raw):
+    with pytest.raises(ConfigurationError, match="OTEL_EXPORTER_PROMETHEUS_PORT"):
+        prometheus_base_port({"OTEL_EXPORTER_PROMETHEUS_PORT": raw})
+    with caplog.at_level(logging.ERROR, logger="otel_inference.prometheus"):
+        reader = readers(monkeypatch, raw)
+    assert reader.port is None
+    (record,) = caplog.records
+    assert f"OTEL_EXPORTER_PROMETHEUS_PORT={raw!r}" in record.getMessage()
