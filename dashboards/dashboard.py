@@ -91,6 +91,42 @@ def _cost_per_1k() -> str:
     return f"(\n  {shared}\n  or\n  {own}\n)\n/ on () group_left\n{requests}\n* $cost_per_hour / 3600 * 1000"
 
 
+def _event_loop_panels() -> list[Panel]:
+    """Blocked event loops (issue 16): how late the loop runs, and how much of the
+    time it was held past the threshold, by kind (busy, blocked, starved)."""
+    delay = promql.quantile(0.99, promql.EVENT_LOOP_DELAY, promql.SERVICE, (SVC,), RATE)
+    return [
+        Panel(
+            "Event loop delay p99",
+            [Target(delay, "{{job}} p99")],
+            unit="s",
+            description=(
+                "How late the event loop ran a due heartbeat (inference.runtime.event_loop.delay; "
+                "semconv nodejs.eventloop.delay). Awaited stages wait this long on top of what "
+                "they awaited."
+            ),
+        ),
+        Panel(
+            "Event loop held (share of time) by kind",
+            [
+                Target(
+                    _sum_rate(
+                        promql.EVENT_LOOP_BLOCKED, by=f"{promql.SERVICE}, {promql.BLOCKED_KIND}"
+                    ),
+                    f"{{{{job}}}} {{{{{promql.BLOCKED_KIND}}}}}",
+                )
+            ],
+            unit="percentunit",
+            description=(
+                "Seconds per second the loop was held past OTEL_INFERENCE_EVENT_LOOP_THRESHOLD. "
+                "busy: CPU work in a callback; blocked: a blocking call in a callback; starved: "
+                "other threads or processes took the GIL or the CPUs. The culprits are on the "
+                "spans (event_loop.blocked events) and in otel-inference report."
+            ),
+        ),
+    ]
+
+
 def rows() -> list[tuple[str, list[Panel]]]:
     stage_label = f"{{{{{promql.STAGE}}}}}"
     count = promql.DURATION + "_count"
@@ -146,6 +182,22 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     width=8,
                     description="Above 100%: the stage's p95 is over its budget (InferenceStageP95OverBudget).",
                     thresholds=[(1.0, "red")],
+                ),
+                Panel(
+                    "Calls per request by stage (p95)",
+                    [
+                        Target(
+                            promql.quantile(0.95, promql.CALLS, promql.STAGE, (SVC, STG), RATE),
+                            stage_label,
+                        )
+                    ],
+                    unit="short",
+                    width=24,
+                    description=(
+                        "How many calls of each stage a request makes (inference_stage_calls): "
+                        "above 1, an N+1 pattern (a lookup or a serialisation per item). A stage's "
+                        "duration is the request's total time in it, whatever the count."
+                    ),
                 ),
             ],
         ),
@@ -301,7 +353,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     unit="ops",
                 ),
                 Panel(
-                    "Share of executions over budget",
+                    "Share of requests over budget",
                     [
                         Target(
                             _ratio(
@@ -320,6 +372,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
                 ),
             ],
         ),
+        ("Event loop", _event_loop_panels()),
         (
             "Cost",
             [

@@ -28,12 +28,15 @@ DURATION = metric(semconv.STAGE_DURATION, "seconds")  # histogram
 COST = metric(semconv.STAGE_COST, "seconds")  # histogram: per-member share of batched work
 BUDGET = metric(semconv.STAGE_BUDGET, "seconds")  # gauge
 BREACHES = metric(semconv.STAGE_BUDGET_BREACHES, "total")  # counter
+CALLS = metric(semconv.STAGE_CALLS)  # histogram, unit {call}: calls of a stage per request
 CACHE_LOOKUPS = metric(semconv.CACHE_LOOKUPS, "total")  # counter
 TOKENS = metric(semconv.TOKENS, "total")  # counter
 TRANSFER_SIZE = metric(semconv.TRANSFER_SIZE, "bytes")  # histogram
 BATCH_SIZE = metric(semconv.BATCH_SIZE)  # histogram, unit {request}: no suffix
 BATCH_FILL_RATIO = metric(semconv.BATCH_FILL_RATIO)  # histogram, unit 1
 SERIALIZE_SIZE = metric(semconv.SERIALIZE_SIZE, "bytes")  # histogram
+EVENT_LOOP_DELAY = metric(semconv.EVENT_LOOP_DELAY, "seconds")  # histogram
+EVENT_LOOP_BLOCKED = metric(semconv.EVENT_LOOP_BLOCKED, "seconds_total")  # counter
 
 # Labels.
 STAGE = label(semconv.INFERENCE_STAGE)
@@ -42,6 +45,7 @@ ERROR_TYPE = label(semconv.ERROR_TYPE)
 COLD_START = label(semconv.INFERENCE_COLD_START)
 CACHE_RESULT = label(semconv.CACHE_RESULT)
 TOKEN_KIND = label(semconv.INFERENCE_TOKEN_KIND)
+BLOCKED_KIND = label(semconv.INFERENCE_EVENT_LOOP_BLOCKED_KIND)
 # The torch instrumentor's direction attribute (h2d | d2h); no semconv constant yet.
 TRANSFER_DIRECTION = label("inference.transfer.direction")
 # The service: `job` is what both a direct scrape (scrape config) and the Collector's
@@ -54,7 +58,7 @@ REQUEST = semconv.REQUEST
 QUEUE_WAIT = semconv.QUEUE_WAIT
 
 # The p95-vs-budget alert and the breach-ratio alert say the same thing: more than
-# 5% of executions over budget is exactly a p95 over budget.
+# 5% of requests over budget is exactly a p95 over budget.
 BREACH_RATIO_THRESHOLD = 0.05
 
 

@@ -40,7 +40,7 @@ from time import perf_counter_ns, time_ns
 from typing import Any
 
 from otel_inference._fork import after_fork_in_child
-from otel_inference.config import ConfigurationError
+from otel_inference.config import ConfigurationError, parse_count
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_COLD_START_REQUESTS,
     OTEL_INFERENCE_GC_EVENT_THRESHOLD,
@@ -56,16 +56,9 @@ _MAX_EVENTS_PER_REQUEST = 32
 
 def cold_start_requests(environ: Mapping[str, str] | None = None) -> int:
     """:envvar:`OTEL_INFERENCE_COLD_START_REQUESTS` (default 10; 0 turns flagging off)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(OTEL_INFERENCE_COLD_START_REQUESTS, "").strip()
-    if not raw:
-        return DEFAULT_COLD_START_REQUESTS
-    if not raw.isdigit() or int(raw) > 1_000_000:
-        raise ConfigurationError(
-            f"{OTEL_INFERENCE_COLD_START_REQUESTS}={raw!r} must be a whole number of "
-            "requests from 0 to 1000000"
-        )
-    return int(raw)
+    return parse_count(
+        OTEL_INFERENCE_COLD_START_REQUESTS, "requests", DEFAULT_COLD_START_REQUESTS, environ
+    )
 
 
 def gc_event_threshold(environ: Mapping[str, str] | None = None) -> float:
@@ -178,6 +171,7 @@ class GcMonitor:
         self._started = False
         self._start_ns = 0
         self.pending: deque[GcPause] = deque(maxlen=_MAX_PENDING_PAUSES)
+        self.total_pause_ns = 0  # every pause since start: the event-loop monitor reads it
         self.event_threshold_ns = int(DEFAULT_GC_EVENT_THRESHOLD_S * 1e9)
         # id(account) -> account, maintained by request(); read here without locks.
         self.in_flight: dict[int, Any] = {}
@@ -217,6 +211,7 @@ class GcMonitor:
                 self._start_ns = perf_counter_ns()
                 return
             duration_ns = perf_counter_ns() - self._start_ns
+            self.total_pause_ns += duration_ns
             generation = info.get("generation", 0)
             pause = GcPause(generation, duration_ns, info.get("collected", 0), time_ns())
             self.pending.append(pause)

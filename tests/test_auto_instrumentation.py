@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,7 +22,10 @@ APPS = Path(__file__).resolve().parent / "apps"
 # Instrumentors whose library is torch: skipped when torch is missing.
 TORCH_INSTRUMENTORS = {"inference_torch"}
 # Every third-party library some instrumentor wraps (the pyproject's instruments-any).
-INSTRUMENTED_LIBRARIES = "torch,redis,tokenizers,transformers,orjson,msgpack"
+INSTRUMENTED_LIBRARIES = "torch,redis,tokenizers,transformers,orjson,msgpack,ray,litserve"
+# Serving-framework instrumentors, in optional extras: each loads only where its
+# framework is installed (their own tests skip without it).
+FRAMEWORK_INSTRUMENTORS = {"inference_ray_serve": "ray", "inference_litserve": "litserve"}
 # Standard library only (queue, json, gc): these load whatever else is installed.
 STDLIB_INSTRUMENTORS = {"inference_queues", "inference_runtime", "inference_serializers"}
 
@@ -29,6 +33,16 @@ STDLIB_INSTRUMENTORS = {"inference_queues", "inference_runtime", "inference_seri
 def declared_instrumentors() -> set[str]:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     return set(pyproject["project"]["entry-points"].get("opentelemetry_instrumentor", {}))
+
+
+def expected_instrumentors() -> set[str]:
+    """Declared, less the framework instrumentors whose framework is not installed here."""
+    missing = {
+        name
+        for name, module in FRAMEWORK_INSTRUMENTORS.items()
+        if importlib.util.find_spec(module) is None
+    }
+    return declared_instrumentors() - missing
 
 
 def run_instrumented(*args: str, python: str = sys.executable, env: dict | None = None) -> dict:
@@ -56,7 +70,8 @@ def test_every_declared_instrumentor_loads():
     declared = declared_instrumentors()
     assert declared, "pyproject declares no opentelemetry_instrumentor entry points"
     assert set(result["instrumented"]) == declared
-    assert all(value is True for value in result["instrumented"].values()), result
+    loaded = {name for name, value in result["instrumented"].items() if value is True}
+    assert loaded == expected_instrumentors(), result
 
 
 @pytest.fixture
@@ -78,7 +93,7 @@ def python_hiding(tmp_path) -> str:
 def test_missing_torch_disables_only_the_torch_instrumentor(python_hiding):
     result = run_instrumented(python=python_hiding)
     assert result["torch_found"] is False
-    expected = declared_instrumentors() - TORCH_INSTRUMENTORS
+    expected = expected_instrumentors() - TORCH_INSTRUMENTORS
     assert expected, "need at least one non-torch instrumentor to prove the point"
     loaded = {name for name, value in result["instrumented"].items() if value is True}
     assert loaded == expected, result

@@ -29,6 +29,15 @@ class ReportError(Exception):
 
 
 @dataclass(frozen=True)
+class SpanEvent:
+    """A span event (``gc.pause``...): wall-clock nanoseconds and its attributes."""
+
+    name: str
+    time_ns: int
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SpanRecord:
     """One finished span, whatever the source.
 
@@ -46,6 +55,7 @@ class SpanRecord:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     links: tuple[SpanKey, ...] = ()
     service: str | None = None
+    events: tuple[SpanEvent, ...] = ()
 
     @property
     def key(self) -> SpanKey:
@@ -65,7 +75,8 @@ class StageRow:
     """One row of the report. Durations are seconds (``None`` when unknown).
 
     ``kind`` is ``stage`` (a top-level stage), ``nested`` (a stage inside
-    ``parent``), ``unattributed`` or ``request`` (end to end).
+    ``parent``), ``event_loop`` (time the event loop was held: taken out of the
+    stages and ``unattributed``), ``unattributed`` or ``request`` (end to end).
     ``tail_share``: among requests at or above the end-to-end p95, the mean
     fraction of their time spent in this stage (top-level stages and
     ``unattributed`` only). ``cost_per_request``: dollars, batch-shared work
@@ -85,6 +96,8 @@ class StageRow:
     budget: float | None = None
     status: str | None = None
     cost_per_request: float | None = None
+    budget_source: str | None = None  # explicit | telemetry | environment
+    cpu_share: float | None = None
 
     @property
     def label(self) -> str:
@@ -92,11 +105,24 @@ class StageRow:
 
 
 @dataclass
+class LoopCulprit:
+    """What held the event loop: ``kind`` ``busy``/``blocked`` (a callback: ``culprit``
+    names its function) or ``starved`` (``culprit`` names the threads that took the
+    CPU); ``share``: its part of all the blocked time attributed to requests."""
+
+    kind: str
+    culprit: str
+    seconds: float
+    share: float
+
+
+@dataclass
 class Verdict:
     """Where the tail's time goes and what to change first.
 
-    ``category`` is one of ``configuration``, ``runtime``, ``cache``, ``model``,
-    ``host``, ``downstream``, ``instrumentation``, ``custom`` or ``none``.
+    ``category`` is one of ``event_loop``, ``configuration``, ``runtime``,
+    ``cache``, ``model``, ``host``, ``downstream``, ``instrumentation``,
+    ``custom`` or ``none``.
     """
 
     stage: str | None
@@ -126,6 +152,10 @@ class Report:
     cache_hit_ratio: float | None = None
     cache_lookups: int = 0
     notes: list[str] = field(default_factory=list)
+    padding: Padding | None = None
+    timeline: Timeline | None = None
+    slowest: list[RequestWaterfall] = field(default_factory=list)
+    event_loop_culprits: list[LoopCulprit] = field(default_factory=list)
 
     def row(self, stage: str, parent: str | None = None) -> StageRow:
         """The row of ``stage`` (nested rows: give ``parent``); ``KeyError`` if absent."""
@@ -133,3 +163,70 @@ class Report:
             if row.stage == stage and row.parent == parent:
                 return row
         raise KeyError(stage if parent is None else f"{parent}/{stage}")
+
+
+@dataclass
+class Padding:
+    """Padding waste: real vs padded token positions of the ``tokenize`` spans
+    (``inference.tokens.real`` / ``.padded``), and the ``model_forward`` time that
+    the padded positions imply, assuming a forward's time grows with the positions
+    it computes. ``forward_seconds``: total time of the ``model_forward`` spans
+    beside tokenize spans (same parent span: the batch, or the request);
+    ``padding_seconds``: the share of it spent on padding; ``forward_share``:
+    ``padding_seconds / forward_seconds``; per request and cost: over all
+    requests. ``advice``: a sentence when the waste is large, else ``None``."""
+
+    real_tokens: int
+    padded_tokens: int
+    waste: float | None
+    tokenize_calls: int = 0
+    forward_seconds: float | None = None
+    padding_seconds: float | None = None
+    forward_share: float | None = None
+    seconds_per_request: float | None = None
+    cost_per_request: float | None = None
+    advice: str | None = None
+
+
+@dataclass
+class Timeline:
+    """Per-stage p95 over time: requests binned by their start, ``bin_seconds``
+    wide from ``start_ns``; ``p95[stage][i]`` is the nearest-rank p95 of the
+    stage's per-request times in the requests of bin ``i`` (``None``: none there);
+    ``requests[i]``: requests in bin ``i``."""
+
+    start_ns: int
+    bin_seconds: float
+    requests: list[int]
+    p95: dict[str, list[float | None]]
+
+
+@dataclass
+class WaterfallBar:
+    """One stage span of a request on its time axis (seconds from the request's
+    start). ``depth`` 0 is top level, 1 nested in a stage, ... ``batch``: the
+    batch span's id and size when the request shared this span with others."""
+
+    stage: str
+    start: float
+    duration: float
+    depth: int
+    parent: str | None = None
+    batch_id: str | None = None
+    batch_size: int | None = None
+    batcher: str | None = None
+    calls: int | None = None  # a compressed span: the calls it stands for
+    busy: float | None = None  # ... and their time (s), less than its extent
+
+
+@dataclass
+class RequestWaterfall:
+    """One of the slowest requests: its stages, and the intervals the process
+    held it (``gc.pause`` events: start offset and duration in seconds)."""
+
+    trace_id: str
+    span_id: str
+    start_ns: int
+    duration: float
+    bars: list[WaterfallBar]
+    held: list[tuple[str, float, float]] = field(default_factory=list)

@@ -26,6 +26,12 @@ How spans are read (see ``docs/report.md`` for the whole story):
 * A stage is **top level** in its request when no other stage encloses it (and it
   carries no ``inference.stage.parent``); only top-level stages take a share of
   the request's time, so nested time is never counted twice.
+* **Event loop.** Time the event loop was held (``inference.event_loop.blocked.duration``
+  on the spans it overlapped, from the runtime instrumentor) is the request's,
+  not the stage's: the ``event_loop`` row holds it (a ``request()`` span's own
+  total, else the sum over its top-level stages), and it is taken out of the
+  stages' and ``unattributed``'s tail shares. Synchronous stages carrying
+  ``inference.stage.cpu.duration`` get an on-CPU share.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from otel_inference import semconv
+from otel_inference.report._budgets import choose_budgets, learnt_budgets
 from otel_inference.report._model import (
+    LoopCulprit,
     Report,
     ReportError,
     SpanKey,
@@ -48,6 +56,8 @@ from otel_inference.report._stats import (
     nearest_rank,
     union_length,
 )
+from otel_inference.report.padding import padding_summary
+from otel_inference.report.timeline import slowest_requests, stage_timeline
 from otel_inference.report.verdict import decide
 
 ORDER = (
@@ -56,6 +66,7 @@ ORDER = (
     semconv.FEATURE_HYDRATION,
     semconv.PREPROCESS,
     semconv.TOKENIZE,
+    semconv.BATCH,
     semconv.H2D_TRANSFER,
     semconv.MODEL_FORWARD,
     semconv.D2H_TRANSFER,
@@ -170,7 +181,7 @@ class _Index:
         return None
 
 
-def _batch_size(span: SpanRecord) -> int | None:
+def batch_size(span: SpanRecord) -> int | None:
     """Members sharing ``span``: a stage span linked to its members (not a member's
     own span, which carries ``inference.batch.share``); ``None`` when not shared."""
     if not span.links or semconv.INFERENCE_BATCH_SHARE in span.attributes:
@@ -199,7 +210,7 @@ def observations(index: _Index) -> list[Observation]:
         for link in span.links if share is not None else ():
             weights.setdefault(link, share)  # type: ignore[arg-type]
     for span in index.spans.values():
-        size = _batch_size(span) if _stage_of(span) is not None else None
+        size = batch_size(span) if _stage_of(span) is not None else None
         if size is not None:
             weights[span.key] = 1.0 / size
 
@@ -216,7 +227,7 @@ def observations(index: _Index) -> list[Observation]:
             request = index.owner(span)
             if request is not None and request != span.key:
                 add(request, span, index.enclosing_stage(span, request, inclusive=False))
-            if _batch_size(span) is not None:
+            if batch_size(span) is not None:
                 for link in span.links:  # a batch span: its members
                     member = index.spans.get(link)
                     request = None if member is None else index.owner(member)
@@ -229,6 +240,29 @@ def observations(index: _Index) -> list[Observation]:
                 if request is not None and batch is not None:
                     add(request, batch, index.enclosing_stage(span, request, inclusive=False))
     return list(found.values())
+
+
+def _compressed_ns(span: SpanRecord) -> int | None:
+    """The calls' time of a compressed span (``inference.stage.calls`` > 1), else None."""
+    calls = span.attributes.get(semconv.STAGE_CALLS)
+    busy = span.attributes.get(semconv.INFERENCE_STAGE_CALLS_DURATION)
+    if isinstance(calls, int) and calls > 1 and isinstance(busy, (int, float)):
+        return max(0, min(round(busy * 1e9), span.duration_ns))
+    return None
+
+
+def spent_ns(spans: Iterable[SpanRecord], request: SpanRecord) -> int:
+    """What ``request`` spent in a stage, given its spans of the stage: the union of
+    the plain spans (clipped to the request) plus the compressed spans' calls' time,
+    as :func:`_summarise` counts a row's per-request value."""
+    plain, busy = [], 0
+    for span in spans:
+        compressed = _compressed_ns(span)
+        if compressed is None:
+            plain.append(clip((span.start_ns, span.end_ns), (request.start_ns, request.end_ns)))
+        else:
+            busy += compressed
+    return union_length(plain) + busy
 
 
 def order_key(stage: str) -> tuple[int, str]:
@@ -270,15 +304,17 @@ def build_report(
     cost_per_hour: float | None = None,
     exclude_cold_start: bool = False,
     source: str = "spans",
+    default_budgets: Mapping[str, float] | None = None,
 ) -> Report:
     """The per-stage report of ``spans`` (see the module docstring for the rules).
 
-    ``budgets``: stage -> seconds. ``cost_per_hour``: dollars per hour of the
+    Budgets (stage -> seconds): ``budgets`` (explicit, ``--budgets``) override
+    those the spans carry (``inference.budget``), which override
+    ``default_budgets`` (the report's own environment). ``cost_per_hour``: dollars per hour of the
     serving machine; a request's cost in a stage is its time there (its share,
     for batch-shared work) x ``cost_per_hour`` / 3600. Raises
     :class:`ReportError` when no span is a stage, or no request holds one.
     """
-    budgets = budgets or {}
     index = _Index(spans)
     stage_spans = [span for span in index.spans.values() if _stage_of(span) is not None]
     if not stage_spans:
@@ -296,6 +332,14 @@ def build_report(
             f"(it carries {semconv.INFERENCE_UNATTRIBUTED!r}) or a SERVER span with stages "
             "under it"
         )
+    budget_notes: list[str] = []
+    chosen = choose_budgets(
+        explicit=budgets,
+        telemetry=_span_budgets(index, budget_notes, {*(budgets or {}), *(default_budgets or {})}),
+        environment=default_budgets,
+        notes=budget_notes,
+    )
+    notes.extend(budget_notes)
     obs = observations(index)
     owned = {o.span.key for o in obs}
     outside = sum(1 for span in stage_spans if span.key not in owned)
@@ -322,7 +366,63 @@ def build_report(
             raise ReportError(
                 f"all {len(cold)} requests are cold starts: nothing is left without them"
             )
-    return _summarise(index, obs, budgets, cost_per_hour, source, notes)
+    report = _summarise(
+        index,
+        obs,
+        {stage: value for stage, (value, _) in chosen.items()},
+        cost_per_hour,
+        source,
+        notes,
+    )
+    _add_views(report, index, obs, chosen)
+    return report
+
+
+def _span_budgets(index: _Index, notes: list[str], given: set[str]) -> dict[str, float]:
+    """The budgets the spans carry (``inference.budget``, seconds): stage spans,
+    and ``request()`` spans for ``request``; notes on disagreement, and on spans
+    judged against a budget (``inference.budget.exceeded``) that do not say it."""
+    values: dict[str, list[float]] = defaultdict(list)
+    unsaid: set[str] = set()
+    for span in index.spans.values():
+        stage = _stage_of(span)
+        if stage is None and semconv.INFERENCE_UNATTRIBUTED in span.attributes:
+            stage = semconv.REQUEST
+        if stage is None:
+            continue
+        value = span.attributes.get(semconv.INFERENCE_BUDGET)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            values[stage].append(float(value))
+        elif semconv.INFERENCE_BUDGET_EXCEEDED in span.attributes:
+            unsaid.add(stage)
+    learnt, disagreements = learnt_budgets(values, what="span")
+    notes.extend(disagreements)
+    unsaid -= {*learnt, *given}
+    if unsaid:
+        notes.append(
+            f"spans of {', '.join(sorted(unsaid))} were judged against a budget "
+            f"({semconv.INFERENCE_BUDGET_EXCEEDED}) without carrying it "
+            f"({semconv.INFERENCE_BUDGET}): pass --budgets to see it"
+        )
+    return learnt
+
+
+def _add_views(
+    report: Report,
+    index: _Index,
+    obs: list[Observation],
+    budgets: Mapping[str, tuple[float, str]],
+) -> None:
+    """What the rows do not hold: where each budget came from, padding waste, the
+    timeline and the slowest requests' waterfalls."""
+    for row in report.rows:
+        if row.budget is not None and row.stage in budgets:
+            row.budget_source = budgets[row.stage][1]
+    rate = None if report.cost_per_hour is None else report.cost_per_hour / _SECONDS_PER_HOUR
+    unique = {o.span.key: o.span for o in obs}
+    report.padding = padding_summary(unique.values(), requests=report.requests, rate=rate)
+    report.timeline = stage_timeline(index.requests, obs)
+    report.slowest = slowest_requests(index, obs)
 
 
 def _summarise(
@@ -338,22 +438,40 @@ def _summarise(
     top_intervals: dict[SpanKey, dict[str, list[tuple[int, int]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    values: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    # Per stage and request: its spans of the stage (batch spans once per member).
+    spans_of: dict[tuple[str, str | None], dict[SpanKey, list[SpanRecord]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     work: dict[tuple[str, str | None], float] = defaultdict(float)  # weighted ns
     hits = misses = 0
     for o in obs:
         span = o.span
-        values[(o.stage, o.parent)].append(span.duration_ns)
-        work[(o.stage, o.parent)] += span.duration_ns * o.weight
-        if o.parent is None:
+        key = (o.stage, o.parent)
+        spans_of[key][o.request].append(span)
+        busy = _compressed_ns(span)
+        if busy is None:
             request = requests[o.request]
-            bounds = (request.start_ns, request.end_ns)
-            top_intervals[o.request][o.stage].append(clip((span.start_ns, span.end_ns), bounds))
+            interval = clip((span.start_ns, span.end_ns), (request.start_ns, request.end_ns))
+            work[key] += span.duration_ns * o.weight
+        else:
+            # For the tail's union: the calls' time, placed at the end of the span.
+            interval = (max(span.start_ns, span.end_ns - busy), span.end_ns)
+            work[key] += busy * o.weight
+        if o.parent is None:
+            top_intervals[o.request][o.stage].append(interval)
         h = span.attributes.get(semconv.CACHE_HITS)
         m = span.attributes.get(semconv.CACHE_MISSES)
         if isinstance(h, int) and isinstance(m, int):
             hits, misses = hits + h, misses + m
 
+    # A stage is what the request spent in it: one value per request (the union of
+    # its calls), as inference.stage.duration records it.
+    values: dict[tuple[str, str | None], list[int]] = {
+        key: [spent_ns(spans, requests[request]) for request, spans in by_request.items()]
+        for key, by_request in spans_of.items()
+    }
+
+    loop = _event_loop(requests, obs, durations)
     unattributed: dict[SpanKey, int] = {}
     for key, request in requests.items():
         declared = request.attributes.get(semconv.INFERENCE_UNATTRIBUTED)
@@ -362,6 +480,8 @@ def _summarise(
         else:
             covered = union_length(i for ivs in top_intervals[key].values() for i in ivs)
             unattributed[key] = max(0, durations[key] - covered)
+        if loop is not None:
+            unattributed[key] = max(0, unattributed[key] - loop.gap.get(key, 0))
 
     threshold = nearest_rank(list(durations.values()), 0.95)
     tail = [key for key, d in durations.items() if d >= threshold and d > 0]
@@ -379,7 +499,12 @@ def _summarise(
     for stage in top:
         row = _row(stage, "stage", values[(stage, None)], budgets=budgets)
         row.tail_share = tail_share(
-            {key: union_length(ivs[stage]) for key, ivs in top_intervals.items() if stage in ivs}
+            {
+                key: union_length(ivs[stage])
+                - (0 if loop is None else loop.held(key, stage, union_length(ivs[stage])))
+                for key, ivs in top_intervals.items()
+                if stage in ivs
+            }
         )
         if rate is not None:
             row.cost_per_request = work[(stage, None)] / 1e9 * rate / n
@@ -389,6 +514,11 @@ def _summarise(
     for child, parent in [k for k in nested if k[1] not in top]:
         rows.append(_nested_row(child, parent, values, work, rate, n, budgets))
 
+    if loop is not None:
+        held = _row(semconv.EVENT_LOOP, "event_loop", list(loop.requests.values()), budgets=budgets)
+        held.tail_share = tail_share(loop.requests)
+        rows.append(held)
+    _cpu_shares(rows, obs)
     gap = _row(semconv.UNATTRIBUTED, "unattributed", list(unattributed.values()), budgets=budgets)
     gap.tail_share = tail_share(unattributed)
     if rate is not None:
@@ -409,7 +539,11 @@ def _summarise(
         requests=n,
         rows=rows,
         verdict=decide(
-            rows, hit_ratio=hit_ratio, lookups=hits + misses, tail_threshold=threshold / 1e9
+            rows,
+            hit_ratio=hit_ratio,
+            lookups=hits + misses,
+            tail_threshold=threshold / 1e9,
+            loop_culprits=[] if loop is None else loop.culprits,
         ),
         percentile_method=PERCENTILE_METHOD,
         tail_threshold=threshold / 1e9,
@@ -419,7 +553,95 @@ def _summarise(
         cache_hit_ratio=hit_ratio,
         cache_lookups=hits + misses,
         notes=notes,
+        event_loop_culprits=[] if loop is None else loop.culprits,
     )
+
+
+def _number_attribute(span: SpanRecord, name: str) -> float | None:
+    value = span.attributes.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
+
+
+@dataclass
+class _LoopFigures:
+    """Time the event loop was held, per request and per (request, top-level stage)."""
+
+    requests: dict[SpanKey, int]
+    stages: dict[tuple[SpanKey, str], int]
+    gap: dict[SpanKey, int]  # held while no top-level stage was open (unattributed)
+    culprits: list[LoopCulprit]
+
+    def held(self, request: SpanKey, stage: str, stage_ns: int) -> int:
+        return min(stage_ns, self.stages.get((request, stage), 0))
+
+
+_MAX_CULPRITS = 5
+
+
+def _event_loop(
+    requests: Mapping[SpanKey, SpanRecord], obs: list[Observation], durations: Mapping[SpanKey, int]
+) -> _LoopFigures | None:
+    """The event loop's figures, or ``None`` when no span carries any (monitor off)."""
+    found = False
+    stages: dict[tuple[SpanKey, str], int] = defaultdict(int)
+    staged: dict[SpanKey, int] = defaultdict(int)
+    by_culprit: dict[tuple[str, str], int] = defaultdict(int)
+
+    def blame(span: SpanRecord, held_ns: int) -> None:
+        kind = span.attributes.get(semconv.INFERENCE_EVENT_LOOP_BLOCKED_KIND)
+        culprit = span.attributes.get(semconv.INFERENCE_EVENT_LOOP_BLOCKED_CULPRIT)
+        by_culprit[(str(kind or "unknown"), str(culprit or "unknown"))] += held_ns
+
+    for o in obs:
+        seconds = _number_attribute(o.span, semconv.INFERENCE_EVENT_LOOP_BLOCKED)
+        if seconds is None or o.parent is not None:
+            continue
+        found = True
+        held_ns = min(o.span.duration_ns, round(seconds * 1e9))
+        stages[(o.request, o.stage)] += held_ns
+        staged[o.request] += held_ns
+        blame(o.span, held_ns)
+    totals: dict[SpanKey, int] = {}
+    gap: dict[SpanKey, int] = {}
+    for key, request in requests.items():
+        declared = _number_attribute(request, semconv.INFERENCE_EVENT_LOOP_BLOCKED)
+        if declared is None:
+            totals[key] = min(durations[key], staged.get(key, 0))
+            continue
+        found = True
+        totals[key] = min(durations[key], round(declared * 1e9))
+        gap[key] = max(0, totals[key] - staged.get(key, 0))
+        if gap[key]:
+            blame(request, gap[key])
+    if not found:
+        return None
+    all_held = sum(by_culprit.values())
+    culprits = [
+        LoopCulprit(kind, culprit, held_ns / 1e9, held_ns / all_held)
+        for (kind, culprit), held_ns in sorted(by_culprit.items(), key=lambda item: -item[1])
+        if held_ns > 0
+    ][:_MAX_CULPRITS]
+    return _LoopFigures(totals, dict(stages), gap, culprits)
+
+
+def _cpu_shares(rows: list[StageRow], obs: list[Observation]) -> None:
+    """On-CPU share of the rows whose spans carry their thread CPU time."""
+    cpu: dict[tuple[str, str | None], float] = defaultdict(float)
+    wall: dict[tuple[str, str | None], int] = defaultdict(int)
+    seen: set[SpanKey] = set()
+    for o in obs:
+        seconds = _number_attribute(o.span, semconv.INFERENCE_STAGE_CPU)
+        if seconds is None or o.span.key in seen or _compressed_ns(o.span) is not None:
+            continue  # (a compressed span's CPU time is its first call's only)
+        seen.add(o.span.key)
+        cpu[(o.stage, o.parent)] += seconds * 1e9
+        wall[(o.stage, o.parent)] += o.span.duration_ns
+    for row in rows:
+        key = (row.stage, row.parent)
+        if wall.get(key):
+            row.cpu_share = min(1.0, cpu[key] / wall[key])
 
 
 _GC_NOTE_SHARE = 0.05  # GC pauses worth a sentence: 5% of the tail requests' time

@@ -19,9 +19,11 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from otel_inference.report._model import Report, StageRow
+from otel_inference.report._model import Padding, Report, StageRow
 
-SCHEMA = "otel-inference-report/1"
+SCHEMA = "otel-inference-report/2"
+"""2: rows gain ``budget_source``; the report gains ``padding``, ``timeline`` and
+``slowest`` (see docs/report.md)."""
 
 
 def fmt_ms(seconds: float | None) -> str:
@@ -71,7 +73,7 @@ def fmt_per_million(value: float | None) -> str:
     return f"{amount:.3g}" if amount >= 0.001 or amount == 0 else f"{amount:.1e}"
 
 
-def _cells(row: StageRow, with_cost: bool) -> list[str]:
+def _cells(row: StageRow, with_cost: bool, with_cpu: bool = False) -> list[str]:
     label = row.stage if row.parent is None else f"  {row.stage} (in {row.parent})"
     cells = [
         label,
@@ -85,6 +87,8 @@ def _cells(row: StageRow, with_cost: bool) -> list[str]:
     ]
     if with_cost:
         cells.append(fmt_per_million(row.cost_per_request))
+    if with_cpu:
+        cells.append(fmt_share(row.cpu_share))
     return cells
 
 
@@ -94,7 +98,10 @@ def render_table(report: Report) -> str:
     header = ["stage", "count", "p50 ms", "p95 ms", "p99 ms", "tail share", "budget ms", "status"]
     if with_cost:
         header.append(COST_HEADER)
-    body = [_cells(row, with_cost) for row in report.rows]
+    with_cpu = any(row.cpu_share is not None for row in report.rows)
+    if with_cpu:
+        header.append(CPU_HEADER)
+    body = [_cells(row, with_cost, with_cpu) for row in report.rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -110,14 +117,56 @@ def render_table(report: Report) -> str:
         out.append(line(cells))
     out += ["", "Verdict: " + report.verdict.lines[0]]
     out += ["         " + text for text in report.verdict.lines[1:]]
+    out += _event_loop_lines(report)
     if report.cache_hit_ratio is not None:
         out.append(
             f"Cache: {fmt_share(report.cache_hit_ratio)} hits over {report.cache_lookups} lookups."
         )
+    out += padding_lines(report.padding)
     out.append("")
     out += [f"Note: {note}" for note in report.notes]
     out.append(f"Percentiles: {report.percentile_method}.")
     return "\n".join(out).rstrip() + "\n"
+
+
+def padding_lines(padding: Padding | None) -> list[str]:
+    """The padding line under the table (and its advice when the waste is large)."""
+    if padding is None:
+        return []
+    line = (
+        f"Padding: {padding.real_tokens:,} real of {padding.padded_tokens:,} token positions "
+        f"({padding.tokenize_calls} tokenize call(s)): {fmt_share(padding.waste)} padding"
+    )
+    if padding.forward_share is not None and padding.seconds_per_request is not None:
+        line += (
+            f"; about {fmt_share(padding.forward_share)} of the time of the model_forward "
+            f"calls they fed, {fmt_ms(padding.seconds_per_request)} ms per request"
+        )
+        if padding.cost_per_request is not None:
+            line += f", {fmt_dollars(padding.cost_per_request * PER_MILLION)} per 1M requests"
+    elif padding.forward_seconds is None:
+        line += "; no time share: it needs model_forward spans beside the tokenize spans"
+    lines = [line + "."]
+    if padding.advice:
+        lines.append("         " + padding.advice)
+    return lines
+
+
+CPU_HEADER = "on-CPU"
+"""Synchronous stages' thread CPU time over wall time (contention shows far below 100%)."""
+
+
+def _event_loop_lines(report: Report) -> list[str]:
+    """What held the event loop, when the ``event_loop`` row is there."""
+    if not report.event_loop_culprits:
+        return []
+    lines = ["Event loop held by:"]
+    for culprit in report.event_loop_culprits:
+        lines.append(
+            f"  {fmt_share(culprit.share):>6}  {culprit.kind:<8} {culprit.culprit} "
+            f"({fmt_ms(culprit.seconds)} ms over the requests)"
+        )
+    return lines
 
 
 def _heading(report: Report) -> str:

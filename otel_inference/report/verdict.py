@@ -6,6 +6,8 @@ resolved: look around the model before the model.
 =========================================  ================  ==========================================
 dominant stage(s) of the tail              category          first fix
 =========================================  ================  ==========================================
+``event_loop`` (the loop was held)         event_loop        what held it: CPU work or a blocking call
+                                                             off the loop; fewer threads, more processes
 ``queue_wait``                             configuration     batch window, batch size, concurrency
 ``h2d_transfer``, ``d2h_transfer``         runtime           pinned memory, copy/compute overlap, fusion
 ``feature_hydration``                      cache             hit ratio, batched lookups (cache design)
@@ -14,10 +16,11 @@ dominant stage(s) of the tail              category          first fix
 ``postprocess``, ``serialize``
 ``downstream``                             downstream        the called service
 anything else (custom stages)              custom            that stage's code
-``model_forward``                          model             only then the model
+``model_forward``, ``batch``               model             only then the model
 =========================================  ================  ==========================================
 
-Each top-level stage (and ``unattributed``) has a weight: its share of tail
+Each top-level stage (and ``unattributed``, and ``event_loop``: the time the
+event loop was held, already taken out of the stages) has a weight: its share of tail
 latency (spans), or, from Prometheus alone, its p95 over the end-to-end p95.
 Weights are summed per category (two transfers together can outweigh the
 forward); the heaviest category wins (ties: the order of the table), and the
@@ -37,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from otel_inference import semconv
-from otel_inference.report._model import StageRow, Verdict
+from otel_inference.report._model import LoopCulprit, StageRow, Verdict
 
 CATEGORIES: dict[str, str] = {
     semconv.QUEUE_WAIT: "configuration",
@@ -45,6 +48,8 @@ CATEGORIES: dict[str, str] = {
     semconv.D2H_TRANSFER: "runtime",
     semconv.FEATURE_HYDRATION: "cache",
     semconv.MODEL_FORWARD: "model",
+    # The batcher's shared work: the batched model call (its nested rows say which part).
+    semconv.BATCH: "model",
     semconv.UNATTRIBUTED: "instrumentation",
     semconv.PARSE: "host",
     semconv.PREPROCESS: "host",
@@ -52,8 +57,10 @@ CATEGORIES: dict[str, str] = {
     semconv.POSTPROCESS: "host",
     semconv.SERIALIZE: "host",
     "downstream": "downstream",
+    semconv.EVENT_LOOP: "event_loop",
 }
 _PRECEDENCE = (
+    "event_loop",
     "configuration",
     "runtime",
     "cache",
@@ -65,6 +72,9 @@ _PRECEDENCE = (
 )
 UNATTRIBUTED_NOTE = 0.25
 """An ``unattributed`` weight at least this large is mentioned even when it does not win."""
+EVENT_LOOP_NOTE = 0.10
+"""An ``event_loop`` weight at least this large is mentioned even when it does not win."""
+_WEIGHED_KINDS = ("stage", "unattributed", "event_loop")
 
 
 def category_of(stage: str) -> str:
@@ -123,6 +133,53 @@ def _advice(category: str, stage: str, hit_ratio: float | None, lookups: int) ->
     return f"The custom stage {stage} dominates: start with its code."
 
 
+def _inside(rows: Sequence[StageRow], stage: str) -> str:
+    """The nested rows of ``stage`` (a batch's tokenize, model_forward...), slowest first."""
+    nested = [r for r in rows if r.parent == stage and r.p50 is not None]
+    nested.sort(key=lambda r: -(r.p50 or 0.0))
+    return ", ".join(f"{r.stage} {_ms(r.p50 or 0.0)}" for r in nested)
+
+
+def _held_by(culprits: Sequence[LoopCulprit]) -> str:
+    if not culprits:
+        return ""
+    top = culprits[0]
+    return f", mostly {top.kind} ({_pct(top.share)}): {top.culprit}"
+
+
+def event_loop_advice(culprits: Sequence[LoopCulprit]) -> str:
+    """Name what held the loop, and the remedy for that kind of hold."""
+    if not culprits:
+        return (
+            "Find what holds the loop (OTEL_INFERENCE_EVENT_LOOP_THRESHOLD lower): no "
+            "culprit was recorded."
+        )
+    top = culprits[0]
+    named = "; ".join(f"{c.kind}: {c.culprit} ({_pct(c.share)})" for c in culprits[:3])
+    if top.kind == "starved":
+        remedy = (
+            "The loop thread was ready but other threads held the GIL or the CPUs: fewer "
+            "threads per process (torch.set_num_threads, smaller executors), more processes "
+            "(workers), or move that work to a process pool."
+        )
+    elif top.kind == "busy":
+        remedy = (
+            "A callback ran on the loop's CPU: move that CPU work off the loop "
+            "(loop.run_in_executor / asyncio.to_thread, or a process pool)."
+        )
+    elif top.kind == "blocked":
+        remedy = (
+            "A blocking call ran on the loop (time.sleep, synchronous I/O, a lock): use its "
+            "async form, or move it off the loop (asyncio.to_thread)."
+        )
+    else:
+        remedy = (
+            "The holds were too short to sample: lower OTEL_INFERENCE_EVENT_LOOP_THRESHOLD "
+            "to name them."
+        )
+    return f"Held by {named}. {remedy} The waiting stages are not the problem."
+
+
 def decide(
     rows: Sequence[StageRow],
     *,
@@ -130,6 +187,7 @@ def decide(
     lookups: int = 0,
     tail_threshold: float | None = None,
     basis: str = "tail",
+    loop_culprits: Sequence[LoopCulprit] = (),
 ) -> Verdict:
     """The verdict from the top-level rows and the ``unattributed`` row.
 
@@ -139,13 +197,13 @@ def decide(
     weights: dict[str, float] = {}
     if basis == "tail":
         for row in rows:
-            if row.kind in ("stage", "unattributed") and row.tail_share is not None:
+            if row.kind in _WEIGHED_KINDS and row.tail_share is not None:
                 weights[row.stage] = row.tail_share
     else:
         end_to_end = next((r for r in rows if r.kind == "request"), None)
         if end_to_end is not None and end_to_end.p95:
             for row in rows:
-                if row.kind in ("stage", "unattributed") and row.p95 is not None:
+                if row.kind in _WEIGHED_KINDS and row.p95 is not None:
                     weights[row.stage] = row.p95 / end_to_end.p95
     if not weights or max(weights.values()) <= 0:
         return Verdict(None, "none", None, ("No stage time to judge: no verdict.",))
@@ -165,7 +223,20 @@ def decide(
     others = [s for s in weights if category_of(s) == category and s != stage]
     if others:
         first += f"; with {', '.join(sorted(others))}: {_pct(by_category[category])}"
-    second = _advice(category, stage, hit_ratio, lookups)
+    if category == "event_loop":
+        first = f"The event loop was held for {_pct(share)} {where}"
+        second = event_loop_advice(loop_culprits)
+    else:
+        second = _advice(category, stage, hit_ratio, lookups)
+        inside = _inside(rows, stage)
+        if inside:
+            second += f" Inside {stage} (p50): {inside}."
+        held = weights.get(semconv.EVENT_LOOP, 0.0)
+        if held >= EVENT_LOOP_NOTE:
+            second += (
+                f" Also, the event loop was held for {_pct(held)} of that time"
+                f"{_held_by(loop_culprits)}."
+            )
     gap = weights.get(semconv.UNATTRIBUTED, 0.0)
     if category != "instrumentation" and gap >= UNATTRIBUTED_NOTE:
         second += f" Also, {_pct(gap)} is unattributed: instrument that gap."

@@ -9,15 +9,19 @@ opentelemetry-instrument from their entry points, with no setup code here:
 * tokenize: ``inference_tokenizers`` on a real ``tokenizers.Tokenizer`` (built in
   process, no download) with padding -> ``inference.tokens`` real/padding;
 * parse / serialize: ``inference_serializers`` on ``orjson`` -> ``inference.serialize.size``;
-* queue_wait and model_forward: ``otel_inference.batching.ThreadBatcher`` (concurrent
+* queue_wait and batch: ``otel_inference.batching.ThreadBatcher`` (concurrent
   clients, so real batches) -> ``inference.batch.size``, ``inference.stage.cost``.
 
 The public ``stage()`` API covers the rest:
 
 * preprocess and postprocess: application code, no library to instrument;
-* h2d_transfer and d2h_transfer: no torch instrumentor exists yet, so they are
-  ``stage()`` blocks nested in model_forward, and ``inference.transfer.size`` is
-  recorded here by hand under its semconv name (replace with the torch instrumentor).
+* h2d_transfer, model_forward and d2h_transfer: ``stage()`` blocks nested in the
+  batch (no torch model here), and ``inference.transfer.size`` is recorded here by
+  hand under its semconv name.
+
+An asyncio client (its own thread and loop) runs requests whose ``preprocess``
+awaits, and every 10th holds the loop with ``time.sleep``: the runtime
+instrumentor's ``inference.runtime.event_loop.delay`` and ``...blocked``.
 
 postprocess sleeps past its budget (the one breaching stage) and fails on every
 10th request (``error_type`` series). Prints ``ready`` once the first requests
@@ -26,6 +30,7 @@ are done; serves /metrics until stdin closes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -62,11 +67,12 @@ cache.set("user:1", "premium")  # user:2 stays missing: one hit, one miss per re
 
 
 def forward(batch: list[list[int]]) -> list[int]:
-    """The batch's model_forward; transfers nested in it (stage() API: no torch instrumentor)."""
+    """The batch's work: transfers and the forward nested in it (stage() API: no torch model)."""
     with stage(semconv.H2D_TRANSFER):
         time.sleep(0.0005)
         transfer_size.record(64 * len(batch), {TRANSFER_DIRECTION: "h2d"})
-    time.sleep(0.005)  # well under the 60 ms model_forward budget of the live tests
+    with stage(semconv.MODEL_FORWARD):
+        time.sleep(0.005)  # well under the 60 ms model_forward budget of the live tests
     with stage(semconv.D2H_TRANSFER):
         time.sleep(0.0005)
         transfer_size.record(16 * len(batch), {TRANSFER_DIRECTION: "d2h"})
@@ -80,7 +86,7 @@ def handle(batcher: ThreadBatcher, index: int) -> bytes:
             text = body["text"].lower()
         cache.mget(["user:1", "user:2"])  # feature_hydration
         encoding = tokenizer.encode_batch([text, "lazy dog"])[0]  # tokenize, padded
-        score = batcher(encoding.ids, timeout=10)  # queue_wait + model_forward
+        score = batcher(encoding.ids, timeout=10)  # queue_wait + batch
         with stage(semconv.POSTPROCESS):
             time.sleep(POSTPROCESS_SECONDS)  # over its budget: the breaching stage
             if index % 10 == 9:
@@ -99,8 +105,26 @@ def client(batcher: ThreadBatcher, done: threading.Barrier) -> None:
         time.sleep(0.01)
 
 
+def hold_the_loop() -> None:
+    time.sleep(0.03)  # a blocking call on the event loop (over the 20 ms threshold)
+
+
+async def async_client() -> None:
+    index = 0
+    while not stop.is_set():
+        with request():
+            async with stage(semconv.PREPROCESS):
+                await asyncio.sleep(0.002)
+            if index % 10 == 9:
+                hold_the_loop()
+        index += 1
+        await asyncio.sleep(0.01)
+
+
 def main() -> None:
     done = threading.Barrier(CLIENTS + 1)
+    # Started once the cold-start window is over: it stays the three clients'.
+    looped = threading.Thread(target=asyncio.run, args=(async_client(),), daemon=True)
     with ThreadBatcher(forward, max_batch_size=4, max_wait_ms=2) as batcher:
         threads = [
             threading.Thread(target=client, args=(batcher, done), daemon=True)
@@ -109,11 +133,13 @@ def main() -> None:
         for thread in threads:
             thread.start()
         done.wait()
+        looped.start()
         print("ready", flush=True)
         sys.stdin.read()  # serve /metrics (and keep the traffic going) until stdin closes
         stop.set()
         for thread in threads:
             thread.join(10)
+        looped.join(10)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ What is recorded, and what it costs
   ``queue_wait`` needs a request to belong to. ``OTEL_INFERENCE_QUEUES_SCOPE=all``
   records every item.
 * Never recorded: queues created by OpenTelemetry, otel-inference, ``logging``,
-  ``concurrent.futures``, ``multiprocessing``, ``asyncio``, grpc, urllib3 (judged by
+  ``concurrent.futures``, ``multiprocessing``, ``asyncio``, grpc, urllib3, ray (judged by
   the constructing module; extend with ``OTEL_INFERENCE_QUEUES_EXCLUDED_MODULES``),
   queues given to ``logging.handlers.QueueHandler``/``QueueListener``, queues opted
   out with :func:`configure_queue`, and non-FIFO queues (``LifoQueue``,

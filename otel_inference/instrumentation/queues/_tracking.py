@@ -57,6 +57,7 @@ DEFAULT_EXCLUDED_MODULES = (
     "asyncio",
     "grpc",
     "urllib3",
+    "ray",  # Serve's own plumbing; its @serve.batch wait is the ray_serve instrumentor's
 )
 # Frames skipped when looking for the module that constructs a queue.
 _PLUMBING_MODULES = frozenset({"queue", "asyncio.queues", __name__})

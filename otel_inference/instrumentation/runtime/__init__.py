@@ -1,5 +1,6 @@
 """
-Attribute tail latency that is not a stage: garbage-collection pauses and cold start.
+Attribute tail latency that is not a stage: garbage-collection pauses, blocked
+event loops and cold start.
 
 ``RuntimeInstrumentor`` (entry point ``inference_runtime``) starts the GC monitor
 of :mod:`otel_inference.runtime`: every collection is timed through
@@ -10,7 +11,17 @@ generation-2 or long pauses, a ``gc.pause`` span event. It also (re)reads the
 cold-start window: the first ``OTEL_INFERENCE_COLD_START_REQUESTS`` requests are
 flagged ``inference.cold_start=true``. With ``OTEL_INFERENCE_GC_FREEZE=true``,
 ``gc.freeze()`` runs once the process is warm, so full collections stop
-rescanning a loaded model's objects.
+rescanning a loaded model's objects. It also makes each request of an ASGI
+service (contrib's ASGI middleware: FastAPI, Starlette) a request for stage
+accounting (:mod:`otel_inference.server_requests`): its stages are recorded once
+per request, with their call counts.
+
+It also starts the event-loop monitor of :mod:`otel_inference.event_loop`: the
+first stage or request that runs in an asyncio loop (uvloop included) starts a
+heartbeat there, whose lateness feeds ``inference.runtime.event_loop.delay``;
+a loop held longer than ``OTEL_INFERENCE_EVENT_LOOP_THRESHOLD`` is classified
+(busy, blocked, starved), its culprit named (a function, or the threads that
+took the CPU), and the overlap attributed to the stages and requests it held.
 
 Usage
 -----
@@ -36,6 +47,7 @@ from typing import Any
 
 from otel_inference.config import parse_bool
 from otel_inference.environment_variables import OTEL_INFERENCE_GC_FREEZE
+from otel_inference.event_loop import check_threshold, event_loop_threshold, loop_monitor
 from otel_inference.instrumentation._base import InferenceInstrumentor
 from otel_inference.instrumentation.runtime.package import _instruments
 from otel_inference.runtime import (
@@ -45,11 +57,15 @@ from otel_inference.runtime import (
     gc_monitor,
     set_freeze_when_warm,
 )
+from otel_inference.server_requests import adopt_server_requests, release_server_requests
 from otel_inference.stages import StageRecorder
 
 
 class RuntimeInstrumentor(InferenceInstrumentor):
-    """GC pause attribution and cold-start flagging."""
+    """GC pause and blocked-event-loop attribution, and cold-start flagging.
+
+    ``instrument()`` keywords: ``gc_event_threshold``, ``cold_start_requests``,
+    ``gc_freeze``, ``event_loop_threshold`` (seconds; ``None`` reads the environment)."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -62,10 +78,20 @@ class RuntimeInstrumentor(InferenceInstrumentor):
         cold_requests = cold_start_requests() if cold_requests is None else int(cold_requests)
         freeze = kwargs.get("gc_freeze")
         freeze = parse_bool(OTEL_INFERENCE_GC_FREEZE) if freeze is None else bool(freeze)
+        loop_threshold = kwargs.get("event_loop_threshold")
+        loop_threshold = (
+            event_loop_threshold()
+            if loop_threshold is None
+            else check_threshold(float(loop_threshold))
+        )
         COLD_START.reset(cold_requests)
         set_freeze_when_warm(freeze)
         gc_monitor().start(threshold)
+        adopt_server_requests(recorder)
+        loop_monitor().start(loop_threshold, recorder)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        release_server_requests()
         gc_monitor().stop()
+        loop_monitor().stop()
         set_freeze_when_warm(False)

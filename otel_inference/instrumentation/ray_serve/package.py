@@ -1,0 +1,3 @@
+"""The library this instrumentor needs (extra ``otel-inference[ray-serve]``)."""
+
+_instruments = ("ray >= 2.40",)
