@@ -61,6 +61,7 @@ from opentelemetry.metrics import Histogram, Meter
 from opentelemetry.trace import Link
 
 from otel_inference import semconv
+from otel_inference._fork import after_fork_in_child
 from otel_inference.metrics import DEFAULT_DURATION_BOUNDARIES
 from otel_inference.stages import (
     BatchStageScope,
@@ -307,6 +308,14 @@ class ThreadBatcher(_BatcherBase, Generic[I, O]):
         super().__init__(fn, max_batch_size, max_wait_ms, name, stage, instrument, recorder)
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+        after_fork_in_child(self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # The worker thread is gone and the lock may be held by it: start afresh
+        # at the next submit. Pending members are the parent's callers.
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+        self._pending.clear()
 
     def submit(self, item: I) -> Future[O]:
         member = _Member(item, Future(), self._telemetry.capture())
@@ -448,6 +457,15 @@ class AsyncBatcher(_BatcherBase, Generic[I, O]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        after_fork_in_child(self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # A child runs its own event loop (a pre-fork server's worker): bind to it
+        # at the next submit; the parent's loop, task and callers stay behind.
+        self._loop = None
+        self._task = None
+        self._waiter = None
+        self._pending.clear()
 
     def submit(self, item: I) -> asyncio.Future[O]:
         """Queue ``item``; await the returned future for its result."""

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_EXCEPTION_MESSAGES,
     OTEL_INFERENCE_MAX_SPANS_PER_REQUEST,
+    OTEL_INFERENCE_PROMETHEUS_PORTS,
     OTEL_INFERENCE_ROOT_STAGES,
     OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD,
     OTEL_INFERENCE_STAGE_CALL_DURATION,
@@ -111,3 +112,15 @@ def span_compression_threshold(environ: Mapping[str, str] | None = None) -> floa
     if _ZERO_DURATION.match(raw):
         return 0.0  # compression off
     return parse_duration(raw, entry=raw, source=OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD)
+
+
+MAX_PROMETHEUS_PORTS = 1024
+
+
+def prometheus_ports(environ: Mapping[str, str] | None = None) -> int:
+    """:envvar:`OTEL_INFERENCE_PROMETHEUS_PORTS` (default 1: the base port only)."""
+    what = "ports (one per process of the server)"
+    count = parse_count(OTEL_INFERENCE_PROMETHEUS_PORTS, what, 1, environ, MAX_PROMETHEUS_PORTS)
+    if count == 0:
+        raise ConfigurationError(f"{OTEL_INFERENCE_PROMETHEUS_PORTS}='0' must be at least 1")
+    return count

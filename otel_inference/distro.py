@@ -5,7 +5,11 @@ the SDK (tracer and meter providers, exporters from ``OTEL_*_EXPORTER``) and
 loads every otel-inference instrumentor whose library is present. Defaults:
 traces and metrics over OTLP (``OTEL_TRACES_EXPORTER=otlp``,
 ``OTEL_METRICS_EXPORTER=otlp``); ``OTEL_METRICS_EXPORTER=prometheus`` serves a
-scrape endpoint instead (extra ``otel-inference[prometheus]``).
+scrape endpoint instead (extra ``otel-inference[prometheus]``), served by
+:class:`otel_inference.prometheus.PrometheusEndpointReader`: a port in use is
+one logged line (the process keeps its other signals), and
+``OTEL_INFERENCE_PROMETHEUS_PORTS`` gives each worker of a multi-process server
+a port of its own (docs/workers.md).
 
 Our variables are validated here, at startup: a malformed budget is logged at
 ERROR naming the bad entry and the application starts without budgets.
@@ -22,9 +26,14 @@ with ``OTEL_PYTHON_DISTRO=otel_inference`` and
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +46,12 @@ from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from otel_inference._fork import after_fork_in_child
 from otel_inference.budgets import budgets_from_env
 from otel_inference.config import (
     ConfigurationError,
     exception_messages_enabled,
+    prometheus_ports,
     root_stage_policy,
 )
 from otel_inference.environment_variables import (
@@ -49,6 +60,7 @@ from otel_inference.environment_variables import (
 from otel_inference.stages import log_once
 
 _SPANS_FILE_EXPORTER = "opentelemetry.exporter.otlp.json.file"
+_PROMETHEUS_EXPORTER = "opentelemetry.exporter.prometheus"
 
 
 def spans_file() -> Path | None:
@@ -96,7 +108,9 @@ def add_spans_file_processor(tracer_provider: Any = None) -> Path | None:
             )
         from opentelemetry.exporter.otlp.json.file import FileSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(FileSpanExporter(path)))
+        exporter = FileSpanExporter(path)
+        after_fork_in_child(functools.partial(_reopen_in_child, weakref.ref(exporter), path))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     except (ConfigurationError, OSError, ImportError) as exc:
         log_once(
             "spans-file-env",
@@ -107,6 +121,29 @@ def add_spans_file_processor(tracer_provider: Any = None) -> Path | None:
         )
         return None
     return path
+
+
+def _reopen_in_child(exporter_ref: weakref.ref[Any], path: Path) -> None:
+    """A forked child writes through a stream of its own. The inherited one may hold
+    a batch the parent was writing at fork time (its lock still held, its buffer not
+    yet flushed): that batch is the parent's to write, so the child's copy of the
+    descriptor is pointed at /dev/null and the buffer is dropped there. Every
+    process appends (O_APPEND) one flushed write per batch, so lines never mix."""
+    exporter = exporter_ref()
+    inner = getattr(exporter, "_exporter", None)
+    old = getattr(inner, "_stream", None)
+    if old is None or not getattr(inner, "_owns_stream", False):
+        return
+    inner._stream = path.open("a", encoding="utf-8")
+    inner._lock = threading.Lock()
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, old.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # already closed: nothing left to write
+        pass
 
 
 def validate_environment() -> list[str]:
@@ -125,6 +162,7 @@ def validate_environment() -> list[str]:
         ("root-stages-env", root_stage_policy),
         ("exception-messages-env", exception_messages_enabled),
         ("spans-file-env", spans_file),
+        ("prometheus-ports-env", prometheus_ports),
     )
     for key, check in checks:
         try:
@@ -152,8 +190,36 @@ class OtelInferenceDistro(BaseDistro):
 
 class OtelInferenceConfigurator(_OTelSDKConfigurator):
     """The SDK's own configurator: providers and exporters from ``OTEL_*`` variables,
-    plus the span file of ``OTEL_INFERENCE_SPANS_FILE``."""
+    plus the span file of ``OTEL_INFERENCE_SPANS_FILE``. ``prometheus`` metrics are
+    served by :class:`otel_inference.prometheus.PrometheusEndpointReader`: a port in
+    use never costs the process its other signals, and every worker of a
+    multi-process server can have an endpoint of its own."""
 
     def _configure(self, **kwargs: Any) -> None:
-        super()._configure(**kwargs)
+        with _prometheus_endpoint_reader():
+            super()._configure(**kwargs)
         add_spans_file_processor()
+
+
+@contextmanager
+def _prometheus_endpoint_reader() -> Iterator[None]:
+    """While the SDK builds its readers, ``prometheus`` in ``OTEL_METRICS_EXPORTER``
+    names our reader's entry point (the SDK reads exporter names only from there)."""
+    raw = os.environ.get(OTEL_METRICS_EXPORTER)
+    names = [name.strip() for name in (raw or "").split(",")]
+    try:
+        installed = importlib.util.find_spec(_PROMETHEUS_EXPORTER) is not None
+    except ImportError:
+        installed = False
+    if "prometheus" not in names or not installed:
+        yield  # not asked for, or not installed: the SDK says so itself
+        return
+    from otel_inference.prometheus import ENTRY_POINT
+
+    os.environ[OTEL_METRICS_EXPORTER] = ",".join(
+        ENTRY_POINT if name == "prometheus" else name for name in names
+    )
+    try:
+        yield
+    finally:
+        os.environ[OTEL_METRICS_EXPORTER] = raw  # type: ignore[assignment]

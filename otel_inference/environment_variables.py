@@ -127,6 +127,19 @@ parent directory, an unwritable path or a missing exporter package is logged
 at ERROR at startup and the application starts without the file.
 """
 
+OTEL_INFERENCE_PROMETHEUS_PORTS = "OTEL_INFERENCE_PROMETHEUS_PORTS"
+"""
+.. envvar:: OTEL_INFERENCE_PROMETHEUS_PORTS
+
+With ``OTEL_METRICS_EXPORTER=prometheus``: how many consecutive ports, from
+``OTEL_EXPORTER_PROMETHEUS_PORT`` up, the processes of one server may serve
+metrics on. Each process (the parent of ``uvicorn --workers`` or gunicorn, and
+every worker) takes the first free one and serves only its own measurements;
+scrape the whole range. Default ``1``: the base port only. A port already in
+use is logged at ERROR once, naming the variable; the process keeps its traces
+and other exporters.
+"""
+
 OTEL_INFERENCE_EVENT_LOOP_THRESHOLD = "OTEL_INFERENCE_EVENT_LOOP_THRESHOLD"
 """
 .. envvar:: OTEL_INFERENCE_EVENT_LOOP_THRESHOLD

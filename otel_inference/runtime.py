@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from time import perf_counter_ns, time_ns
 from typing import Any
 
+from otel_inference._fork import after_fork_in_child
 from otel_inference.config import ConfigurationError, parse_count
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_COLD_START_REQUESTS,
@@ -174,6 +175,7 @@ class GcMonitor:
         self.event_threshold_ns = int(DEFAULT_GC_EVENT_THRESHOLD_S * 1e9)
         # id(account) -> account, maintained by request(); read here without locks.
         self.in_flight: dict[int, Any] = {}
+        after_fork_in_child(self._after_fork_in_child)
 
     @property
     def started(self) -> bool:
@@ -193,6 +195,13 @@ class GcMonitor:
                 gc.callbacks.remove(self._callback)
                 self._started = False
         self.pending.clear()
+
+    def _after_fork_in_child(self) -> None:
+        # gc.callbacks survives the fork, so the monitor keeps running; the
+        # parent's unrecorded pauses and its requests in flight are the parent's.
+        self._lock = threading.Lock()
+        self.pending.clear()
+        self.in_flight.clear()
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         # Runs inside an allocation anywhere in the process: no locks, no SDK

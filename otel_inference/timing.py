@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from time import perf_counter_ns, time_ns
 from typing import Any, Protocol
 
+from otel_inference._fork import after_fork_in_child
 from otel_inference.config import ConfigurationError
 from otel_inference.stages import log_once
 
@@ -560,5 +561,4 @@ def _reset_timers_after_fork() -> None:
         timer._after_fork_in_child()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_timers_after_fork)
+after_fork_in_child(_reset_timers_after_fork)

@@ -49,6 +49,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from wrapt import wrap_function_wrapper
 
 from otel_inference import semconv
+from otel_inference._fork import after_fork_in_child
 from otel_inference.config import ConfigurationError
 from otel_inference.instrumentation.redis._config import RedisSettings
 from otel_inference.instrumentation.redis.environment_variables import (
@@ -349,6 +350,12 @@ class Lookups:
             unit="{lookup}",
             description="Feature (cache) lookups by result, hit or miss: one per key",
         )
+        after_fork_in_child(self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # The totals so far are the parent's (it reports them): count afresh.
+        self._lock = threading.Lock()
+        self._totals = {}
 
     def add(self, hits: int, misses: int, group: str | None = None) -> None:
         with self._lock:
