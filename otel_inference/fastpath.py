@@ -626,6 +626,11 @@ class FastPeriodicExportingMetricReader(_FastPathReader, PeriodicExportingMetric
     """``PeriodicExportingMetricReader`` exporting our points too."""
 
 
+def fast_reader_class(cls: type[MetricReader]) -> type[MetricReader]:
+    """``cls`` (a reader class, e.g. ``PrometheusMetricReader``) exporting our points too."""
+    return type(f"FastPath{cls.__name__}", (_FastPathReader, cls), {})
+
+
 def otlp_temporality(environ: Mapping[str, str] = os.environ) -> AggregationTemporality:
     """Counters' and histograms' temporality under
     ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` (as the OTLP exporters read it)."""
@@ -690,8 +695,9 @@ def build_meter_provider(
     readers = []
     for name, cls in classes:
         if isinstance(cls, type) and issubclass(cls, MetricReader):
-            fast = type(f"FastPath{cls.__name__}", (_FastPathReader, cls), {})
-            readers.append((fast(), _CUMULATIVE, _CUMULATIVE))  # Prometheus: cumulative
+            readers.append(
+                (fast_reader_class(cls)(), _CUMULATIVE, _CUMULATIVE)
+            )  # Prometheus: cumulative
             continue
         temporality = otlp_temporality() if name in _OTLP_EXPORTERS else _CUMULATIVE
         exporter = cls(preferred_temporality={SdkCounter: temporality, SdkHistogram: temporality})
@@ -717,6 +723,7 @@ __all__ = [
     "FastPeriodicExportingMetricReader",
     "build_meter_provider",
     "fast_meter",
+    "fast_reader_class",
     "new_provider",
     "otlp_temporality",
 ]
