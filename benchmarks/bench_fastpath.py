@@ -17,6 +17,7 @@ import gc
 import tracemalloc
 from time import perf_counter_ns, thread_time_ns
 
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -141,19 +142,70 @@ def records() -> str:
 
 def unsampled() -> str:
     sdk, fast = recorders(ALWAYS_OFF)
+    no_metrics = StageRecorder(
+        TracerProvider(sampler=ALWAYS_OFF), NoOpMeterProvider(), budgets=BUDGETS
+    )
     bench = Benchmark("fast path: an unsampled request with 6 stages", baseline="bare")
     bench.case("bare", bare_requests)
     bench.case("SDK path", six_stage_requests(sdk))
     bench.case("fast path", six_stage_requests(fast))
+    bench.case("no metrics at all (no-op meter)", six_stage_requests(no_metrics))
     result = bench.run(ops=2_000, rounds=15, self_timed=True, clock=thread_time_ns)
-    per_stage_sdk = result.added_us("SDK path") / len(SIX_STAGES)
-    per_stage = result.added_us("fast path") / len(SIX_STAGES)
+    stages = len(SIX_STAGES)
+    per_stage_sdk = result.added_us("SDK path") / stages
+    per_stage = result.added_us("fast path") / stages
+    floor = result.added_us("no metrics at all (no-op meter)") / stages
+    records = (result.added_us("fast path", "no metrics at all (no-op meter)")) / (2 * stages + 2)
     result.notes.append(
         f"Per stage (first call in the request, its request-end records and a sixth of the "
         f"request's own): {per_stage_sdk:.2f} us on the SDK path, {per_stage:.2f} us on the "
         f"fast path (target <= 2 us: {'MET' if per_stage <= 2 else 'MISSED'}); same-run ratio "
-        f"fast/SDK {result.ratio('fast path', 'SDK path'):.3f}x. Machine shared and loaded: "
-        "read the ratio, not the absolute figures."
+        f"fast/SDK {result.ratio('fast path', 'SDK path'):.3f}x. With no metrics at all the "
+        f"stage machinery alone costs {floor:.2f} us a stage: the fast path's records add "
+        f"{per_stage - floor:.2f} us a stage ({records:.2f} us for each of the request's "
+        f"{2 * stages + 2} records). Machine shared and loaded: read the ratios, not the "
+        "absolute figures."
+    )
+    result.write()
+    return result.markdown()
+
+
+def outside_requests() -> str:
+    """A stage outside request() in an unsampled parent span: recorded on every call."""
+    from opentelemetry import context, trace
+
+    def in_unsampled_parent(recorder: StageRecorder):
+        tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer("bench")
+        stage_ = recorder.stage
+
+        def run(n: int) -> int:
+            token = context.attach(trace.set_span_in_context(tracer.start_span("parent")))
+            try:
+                start = thread_time_ns()
+                for _ in range(n):
+                    with stage_("tokenize"):
+                        pass
+                return thread_time_ns() - start
+            finally:
+                context.detach(token)
+
+        return run
+
+    sdk, fast = recorders(ALWAYS_OFF)
+    no_metrics = StageRecorder(
+        TracerProvider(sampler=ALWAYS_OFF), NoOpMeterProvider(), budgets=BUDGETS
+    )
+    bench = Benchmark("fast path: a stage call outside request(), unsampled", baseline="bare")
+    bench.case("bare", lambda n: bare_requests(n) // len(SIX_STAGES))
+    bench.case("SDK path", in_unsampled_parent(sdk))
+    bench.case("fast path", in_unsampled_parent(fast))
+    bench.case("no metrics at all (no-op meter)", in_unsampled_parent(no_metrics))
+    result = bench.run(ops=10_000, rounds=15, self_timed=True, clock=thread_time_ns)
+    result.notes.append(
+        f"A single call recorded on exit: {result.added_us('SDK path'):.2f} us on the SDK path, "
+        f"{result.added_us('fast path'):.2f} us on the fast path (target <= 2 us: "
+        f"{'MET' if result.added_us('fast path') <= 2 else 'MISSED'}), "
+        f"{result.added_us('no metrics at all (no-op meter)'):.2f} us with no metrics at all."
     )
     result.write()
     return result.markdown()
@@ -218,7 +270,7 @@ def memory() -> str:
 
 
 def main() -> None:
-    for section in (records(), unsampled(), sampled(), memory()):
+    for section in (records(), unsampled(), outside_requests(), sampled(), memory()):
         print(section)
 
 

@@ -261,6 +261,11 @@ class FastHistogram(_FastInstrument):
                 if cached is not None and cached[0] is attributes
                 else self._series_for(attributes)
             )
+            if amount < 0:  # as the SDK's histogram: dropped
+                _log_once(
+                    "fast-negative", "otel-inference: negative record on %s dropped", self.name
+                )
+                return
             index = bisect_left(self.boundaries, amount)
             with self._lock:
                 series.counts[index] += 1

@@ -399,3 +399,60 @@ def test_configurator_falls_back_for_unknown_exporters(monkeypatch):
     provider = fast_path_meter_provider()
     assert provider is not None
     provider.shutdown()
+
+
+APP = """
+import json, sys
+from opentelemetry import metrics
+from otel_inference import get_recorder, request, stage
+
+for _ in range(40):
+    with request():
+        with stage("tokenize"):
+            pass
+binding = get_recorder()._bind()
+print(json.dumps({"duration": type(binding.duration).__name__}), flush=True)
+metrics.get_meter_provider().force_flush()
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("enabled", "fast"), [("true", True), ("false", False)])
+def test_under_opentelemetry_instrument_over_otlp(otlp_receiver, tmp_path, enabled, fast):
+    """The configurator builds the readers (fast path) unless told not to; either way
+    the same histogram crosses the wire, and the SDK's configurator says nothing odd."""
+    import json
+
+    from tests import instrumented
+    from tests.otlp_receiver import attributes_of
+    from tests.servers import wait_until
+
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    env = instrumented.otlp_env(
+        otlp_receiver.endpoint,
+        OTEL_TRACES_EXPORTER="none",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_INFERENCE_COLD_START_REQUESTS="0",
+        OTEL_INFERENCE_METRICS_FAST_PATH=enabled,
+    )
+    process = instrumented.start(app, env)
+    kind = json.loads(process.stdout.readline())["duration"]
+    assert (kind == "FastHistogram") is fast, kind
+    process.stdin.close()
+    assert process.wait(timeout=60) == 0
+    stderr = process.stderr.read()
+    assert "Overriding of current MeterProvider" not in stderr, stderr
+
+    def tokenize_points():
+        return [
+            point
+            for metric in otlp_receiver.metrics("inference.stage.duration")
+            for point in metric.histogram.data_points
+            if attributes_of(point.attributes).get("inference.stage") == "tokenize"
+        ]
+
+    wait_until(lambda: any(p.count == 40 for p in tokenize_points()), 20, "tokenize over OTLP")
+    (metric, *_) = otlp_receiver.metrics("inference.stage.duration")
+    assert metric.unit == "s"
+    assert not otlp_receiver.metrics("otel_inference.fastpath.carrier")
