@@ -101,23 +101,14 @@ def _exemplar_filter() -> str:
 _last_verdict: list[Any] = [None, None, None]
 
 
-class _Series:
-    """One attribute set of one instrument: its figures since the last collection."""
+class _Figures:
+    """A histogram's or a counter's figures for one attribute set (a counter uses
+    ``sum`` and ``exemplars`` only)."""
 
-    __slots__ = (
-        "attributes",
-        "count",
-        "counts",
-        "exemplars",
-        "first_ns",
-        "max",
-        "min",
-        "seen",
-        "sum",
-    )
+    __slots__ = ("attributes", "count", "counts", "exemplars", "max", "min", "sum")
 
-    def __init__(self, attributes: Mapping[str, Any] | None, buckets: int) -> None:
-        self.attributes = dict(attributes) if attributes else {}
+    def __init__(self, attributes: dict[str, Any], buckets: int) -> None:
+        self.attributes = attributes
         self.counts = [0] * buckets
         self.count = 0
         self.sum: float = 0
@@ -125,6 +116,15 @@ class _Series:
         self.max: float = -inf
         # Histograms: one exemplar per bucket, the latest; counters: one, reservoir-sampled.
         self.exemplars: dict[int, tuple] = {}
+
+
+class _Series(_Figures):
+    """One attribute set of one instrument: its figures since the last collection."""
+
+    __slots__ = ("first_ns", "seen")
+
+    def __init__(self, attributes: Mapping[str, Any] | None, buckets: int) -> None:
+        super().__init__(dict(attributes) if attributes else {}, buckets)
         self.seen = 0  # measurements offered to the counter's reservoir this cycle
         self.first_ns = time_ns()
 
@@ -232,7 +232,11 @@ class _FastInstrument:
 
 
 class FastHistogram(_FastInstrument):
-    """An explicit-bucket histogram with the SDK histogram's ``record`` signature."""
+    """An explicit-bucket histogram with the SDK histogram's ``record`` signature.
+
+    Series are found by the identity of the ``attributes`` dict first (the recorder
+    hands the same cached dict for a stage every time): a dict must not be changed
+    after it was recorded with; otel-inference's never are."""
 
     __slots__ = ("boundaries",)
 
@@ -346,19 +350,13 @@ def _exemplars(stored: dict[int, tuple]) -> list[Exemplar]:
     return exemplars
 
 
-class _Accumulated:
+class _Accumulated(_Figures):
     """One series as one reader will export it."""
 
-    __slots__ = ("attributes", "count", "counts", "exemplars", "max", "min", "start_ns", "sum")
+    __slots__ = ("start_ns",)
 
     def __init__(self, attributes: dict[str, Any], buckets: int, start_ns: int) -> None:
-        self.attributes = attributes
-        self.counts = [0] * buckets
-        self.count = 0
-        self.sum: float = 0
-        self.min: float = inf
-        self.max: float = -inf
-        self.exemplars: dict[int, tuple] = {}
+        super().__init__(attributes, buckets)
         self.start_ns = start_ns
 
 
