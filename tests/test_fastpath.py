@@ -53,6 +53,15 @@ BUDGETS = {"feature_hydration": 0.004, "model_forward": 0.02, "request": 0.05}
 RESOURCE = Resource.create({"service.name": "fast-path-equivalence"})
 
 
+@pytest.fixture(autouse=True)
+def _log_once_restored():
+    """What these tests log once (the `_other` cap, the fallback) stays loggable after."""
+    saved = set(stages_module._logged_once)
+    yield
+    stages_module._logged_once.clear()
+    stages_module._logged_once.update(saved)
+
+
 class SeededIds(IdGenerator):
     """The same trace and span ids on both runs, spread so ratio sampling picks some."""
 
@@ -289,7 +298,8 @@ def test_other_providers_take_the_sdk_path(caplog):
         recorder = StageRecorder(TracerProvider(), provider, budgets={})
         with recorder.request(), recorder.stage("tokenize"):
             pass
-        StageRecorder(TracerProvider(), MeterProvider(), budgets={}).stage("x").__enter__()
+        with StageRecorder(TracerProvider(), MeterProvider(), budgets={}).stage("x"):
+            pass
     binding = recorder._bind()
     assert not isinstance(binding.duration, FastHistogram)
     assert not isinstance(binding.breaches, FastCounter)
