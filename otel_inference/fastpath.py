@@ -46,6 +46,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context, get_current
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION,
     OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE,
     OTEL_METRICS_EXEMPLAR_FILTER,
 )
@@ -683,6 +684,18 @@ def build_meter_provider(
     """The meter provider for ``OTEL_METRICS_EXPORTER=exporter_names``, its readers
     built by us from the ``opentelemetry_metrics_exporter`` entry points; ``None``
     (logged once) when one of them is not one we know the temporality of."""
+    aggregation = os.environ.get(OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION, "")
+    if aggregation.strip().lower() not in ("", "explicit_bucket_histogram") and any(
+        name in _OTLP_EXPORTERS for name in exporter_names
+    ):
+        # The OTLP exporter would ask the SDK for exponential histograms: not ours to mimic.
+        _log_once(
+            "fast-path-exporter",
+            "otel-inference: %s=%s: stage metrics are recorded through the SDK",
+            OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION,
+            aggregation,
+        )
+        return None
     group = entry_points(group="opentelemetry_metrics_exporter")
     classes = []
     for name in exporter_names:

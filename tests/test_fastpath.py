@@ -402,6 +402,12 @@ def test_exporter_names_resolve_as_the_sdk_does(environ, expected):
 def test_configurator_falls_back_for_unknown_exporters(monkeypatch):
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp_json_file")
     assert fast_path_meter_provider() is None
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv(
+        "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+        "base2_exponential_bucket_histogram",
+    )
+    assert fast_path_meter_provider() is None  # the SDK path makes exponential histograms
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "console")
     monkeypatch.setenv("OTEL_INFERENCE_METRICS_FAST_PATH", "false")
     assert fast_path_meter_provider() is None
