@@ -11,6 +11,9 @@ round in one process:
   bound to a TracerProvider with ``ParentBased(TraceIdRatioBased(X))`` and a
   BatchSpanProcessor to a no-op exporter, and an SDK MeterProvider.
 
+``sampled X%, fast path``: the same with the recording fast path (issue 20), whose
+ratio to ``sampled X%`` should be 1.0 or less.
+
 Targets (issue #9): throughput ratio >= 0.99 at 10%, >= 0.97 at 100%.
 
     .venv/bin/python -m benchmarks.bench_pipeline        # < 3 minutes; rewrites its section
@@ -37,6 +40,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+from benchmarks.bench_fastpath import fast_provider
 from benchmarks.harness import Benchmark
 from examples.embedding_service.app import Embedder, model_dir
 from examples.embedding_service.texts import make_texts
@@ -47,6 +51,7 @@ from otel_inference.instrumentation.torch import TorchInstrumentor
 
 BATCH = 32
 RATES = (0.0, 0.1, 1.0)
+FAST_RATES = (0.0, 0.1)
 TARGETS = {0.1: 0.99, 1.0: 0.97}
 
 
@@ -85,17 +90,27 @@ def main(ops: int = 3, rounds: int = 11) -> None:
     bench.case("uninstrumented", bare)
     exporters: dict[float, CountingExporter] = {}
     providers: list[TracerProvider] = []
-    for rate in RATES:
+    # The recording fast path (issue 20): the same cases with our instruments aggregated
+    # in-process and exported by a reader this package built.
+    fast_meter_provider = fast_provider()[0]
+    variants = [(rate, meter_provider, _label(rate)) for rate in RATES] + [
+        (rate, fast_meter_provider, _label(rate) + ", fast path") for rate in FAST_RATES
+    ]
+    for rate, metrics_provider, label in variants:
         exporter = CountingExporter()
-        exporters[rate] = exporter
+        exporters.setdefault(rate, exporter)
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(rate)))
         provider.add_span_processor(BatchSpanProcessor(exporter))
         providers.append(provider)
-        recorder = StageRecorder(provider, meter_provider, budgets={})
+        recorder = StageRecorder(provider, metrics_provider, budgets={})
         instrumentors = (TorchInstrumentor(), TokenizersInstrumentor(), SerializersInstrumentor())
 
         def instrumented(
-            n: int, recorder=recorder, provider=provider, instrumentors=instrumentors
+            n: int,
+            recorder=recorder,
+            provider=provider,
+            instrumentors=instrumentors,
+            meter_provider=metrics_provider,
         ) -> None:
             for instrumentor in instrumentors:
                 instrumentor.instrument(tracer_provider=provider, meter_provider=meter_provider)
@@ -109,7 +124,7 @@ def main(ops: int = 3, rounds: int = 11) -> None:
                 for instrumentor in instrumentors:
                     instrumentor.uninstrument()
 
-        bench.case(_label(rate), instrumented)
+        bench.case(label, instrumented)
 
     result = bench.run(ops=ops, rounds=rounds, warmup_ops=2)
     for provider in providers:
@@ -125,6 +140,13 @@ def main(ops: int = 3, rounds: int = 11) -> None:
         result.notes.append(
             f"{_label(rate)}: throughput ratio {throughput:.3f} vs uninstrumented "
             f"({result.added_us(_label(rate)) / 1000:+.2f} ms per request); {verdict}"
+        )
+    for rate in FAST_RATES:
+        label = _label(rate)
+        result.notes.append(
+            f"{label}, fast path: {result.ratio(label + ', fast path', label):.3f}x the time of "
+            f"{label} on the SDK record path, same rounds "
+            f"({result.added_us(label + ', fast path', label) / 1000:+.2f} ms per request)"
         )
     spread = max(c.spread_us / c.median_us for c in result.cases.values())
     result.notes.append(

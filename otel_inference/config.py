@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_EXCEPTION_MESSAGES,
     OTEL_INFERENCE_MAX_SPANS_PER_REQUEST,
+    OTEL_INFERENCE_METRICS_FAST_PATH,
     OTEL_INFERENCE_PROMETHEUS_PORTS,
     OTEL_INFERENCE_ROOT_STAGES,
     OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD,
@@ -85,6 +86,11 @@ def parse_count(
             f"{name}={raw!r} must be a whole number of {what} from 0 to {limit}"
         )
     return int(raw)
+
+
+def metrics_fast_path_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """:envvar:`OTEL_INFERENCE_METRICS_FAST_PATH` (default true)."""
+    return parse_bool(OTEL_INFERENCE_METRICS_FAST_PATH, environ, default=True)
 
 
 DEFAULT_MAX_SPANS_PER_REQUEST = 500

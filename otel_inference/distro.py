@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,13 @@ from opentelemetry.environment_variables import (
     OTEL_TRACES_EXPORTER,
 )
 from opentelemetry.instrumentation.distro import BaseDistro
+from opentelemetry.metrics import MeterProvider, set_meter_provider
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_OTLP_METRICS_PROTOCOL,
+    OTEL_EXPORTER_OTLP_PROTOCOL,
+)
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from otel_inference._fork import after_fork_in_child
@@ -51,13 +57,21 @@ from otel_inference.budgets import budgets_from_env
 from otel_inference.config import (
     ConfigurationError,
     exception_messages_enabled,
+    metrics_fast_path_enabled,
     prometheus_ports,
     root_stage_policy,
 )
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_SPANS_FILE,
 )
+from otel_inference.fastpath import build_meter_provider
 from otel_inference.stages import log_once
+
+TELEMETRY_AUTO_VERSION = "telemetry.auto.version"
+# Configurator arguments and variables through which something else shapes the
+# SDK's metrics: then the SDK builds them, as without us.
+_FOREIGN_ARGS = ("metric_exporter_names", "exporter_args_map", "meter_configurator")
+_FOREIGN_VARIABLES = ("OTEL_PYTHON_METER_CONFIGURATOR", "OTEL_CONFIG_FILE")
 
 _SPANS_FILE_EXPORTER = "opentelemetry.exporter.otlp.json.file"
 _PROMETHEUS_EXPORTER = "opentelemetry.exporter.prometheus"
@@ -163,6 +177,7 @@ def validate_environment() -> list[str]:
         ("exception-messages-env", exception_messages_enabled),
         ("spans-file-env", spans_file),
         ("prometheus-ports-env", prometheus_ports),
+        ("fast-path-env", metrics_fast_path_enabled),
     )
     for key, check in checks:
         try:
@@ -188,17 +203,111 @@ class OtelInferenceDistro(BaseDistro):
         validate_environment()
 
 
+_OTLP_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
+
+
+def metric_exporter_names(environ: Mapping[str, str] = os.environ) -> list[str] | None:
+    """``OTEL_METRICS_EXPORTER`` as the SDK resolves it (``otlp`` by its protocol);
+    ``None`` where the fast path does not apply (no exporter, an unknown OTLP protocol)."""
+    raw = environ.get(OTEL_METRICS_EXPORTER, "")
+    if not raw.strip() or raw.strip().lower() == "none":
+        return None
+    names = []
+    for name in (part.strip() for part in raw.split(",")):
+        if name == "otlp":
+            protocol = (
+                environ.get(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL)
+                or environ.get(OTEL_EXPORTER_OTLP_PROTOCOL)
+                or "grpc"
+            ).strip()
+            if protocol not in _OTLP_BY_PROTOCOL:
+                return None
+            name = _OTLP_BY_PROTOCOL[protocol]
+        names.append(name)
+    return names
+
+
+def fast_path_meter_provider(**kwargs: Any) -> MeterProvider | None:
+    """The meter provider the SDK's configurator would build from the environment,
+    built by us so that otel-inference's instruments take the recording fast path
+    (:mod:`otel_inference.fastpath`); ``None`` (said once) where that cannot be."""
+    reason = None
+    try:
+        if not metrics_fast_path_enabled():
+            return None
+    except ConfigurationError:
+        return None  # validate_environment() logged it
+    names = metric_exporter_names()
+    if names is None:
+        reason = "no metrics exporter, or an OTLP protocol other than grpc and http/protobuf"
+    elif any(kwargs.get(arg) for arg in _FOREIGN_ARGS) or any(
+        os.environ.get(var) for var in _FOREIGN_VARIABLES
+    ):
+        reason = "another component configures the SDK's metrics"
+    if reason is None:
+        attributes = dict(kwargs.get("resource_attributes") or {})
+        if kwargs.get("auto_instrumentation_version"):
+            attributes[TELEMETRY_AUTO_VERSION] = kwargs["auto_instrumentation_version"]
+        try:
+            provider = build_meter_provider(Resource.create(attributes), names)  # type: ignore[arg-type]
+        except Exception as exc:  # an exporter that cannot be built: the SDK says why
+            provider, reason = None, f"{type(exc).__name__}: {exc}"
+        else:
+            return provider  # None: build_meter_provider said why
+    if reason is not None:
+        log_once(
+            "fast-path-configurator",
+            "otel-inference: stage metrics are recorded through the SDK (%s)",
+            reason,
+            level=logging.INFO,
+        )
+    return None
+
+
+class _DropOverrideWarning(logging.Filter):
+    """The SDK's configurator sets the global meter provider, already set to ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Overriding of current MeterProvider" not in record.getMessage()
+
+
 class OtelInferenceConfigurator(_OTelSDKConfigurator):
     """The SDK's own configurator: providers and exporters from ``OTEL_*`` variables,
-    plus the span file of ``OTEL_INFERENCE_SPANS_FILE``. ``prometheus`` metrics are
-    served by :class:`otel_inference.prometheus.PrometheusEndpointReader`: a port in
-    use never costs the process its other signals, and every worker of a
-    multi-process server can have an endpoint of its own."""
+    plus the span file of ``OTEL_INFERENCE_SPANS_FILE``.
+
+    Metrics: the meter provider and its readers are built here, from the same
+    variables and the exporters' public entry points, so otel-inference's instruments
+    take the recording fast path (:envvar:`OTEL_INFERENCE_METRICS_FAST_PATH`); the
+    SDK's configurator then runs with ``OTEL_METRICS_EXPORTER=none``. ``prometheus``
+    metrics are served by :class:`otel_inference.prometheus.PrometheusEndpointReader`
+    either way: a port in use never costs the process its other signals, and every
+    worker of a multi-process server can have an endpoint of its own."""
 
     def _configure(self, **kwargs: Any) -> None:
         with _prometheus_endpoint_reader():
-            super()._configure(**kwargs)
+            provider = fast_path_meter_provider(**kwargs)
+            if provider is None:
+                super()._configure(**kwargs)
+            else:
+                self._configure_with(provider, **kwargs)
         add_spans_file_processor()
+
+    def _configure_with(self, provider: MeterProvider, **kwargs: Any) -> None:
+        """The SDK's configurator for traces and logs, with our meter provider."""
+        set_meter_provider(provider)
+        exporters = os.environ.get(OTEL_METRICS_EXPORTER)
+        os.environ[OTEL_METRICS_EXPORTER] = "none"
+        quiet = _DropOverrideWarning()
+        sdk_metrics_logger = logging.getLogger("opentelemetry.metrics._internal")
+        sdk_metrics_logger.addFilter(quiet)
+        try:
+            super()._configure(**kwargs)
+        finally:
+            sdk_metrics_logger.removeFilter(quiet)
+            if exporters is None:
+                os.environ.pop(OTEL_METRICS_EXPORTER, None)
+            else:
+                os.environ[OTEL_METRICS_EXPORTER] = exporters
 
 
 @contextmanager

