@@ -95,6 +95,7 @@ class TorchInstrumentor(InferenceInstrumentor):
             forward_depth=kwargs.get("forward_depth"),
             transfers=kwargs.get("transfers"),
             max_pending=kwargs.get("max_pending"),
+            generate=kwargs.get("generate"),
         )
         timer = kwargs.get("timer")  # tests: a CudaTimer on a fake backend
         patches = self._patches = Patches("torch")
@@ -107,6 +108,11 @@ class TorchInstrumentor(InferenceInstrumentor):
             self._tracker = tracker
 
         patches.when_imported("torch", apply)
+        if settings.generate:
+            patches.when_imported(
+                "transformers.generation.utils",
+                lambda module: _wrap_generate(patches, module, recorder),
+            )
 
     @property
     def tracker(self) -> Any:
@@ -120,3 +126,15 @@ class TorchInstrumentor(InferenceInstrumentor):
         tracker, self._tracker = self._tracker, None
         if tracker is not None:
             tracker.uninstall()
+
+
+def _wrap_generate(patches: Patches, module: Any, recorder: StageRecorder) -> None:
+    from otel_inference.instrumentation.torch._generate import (
+        make_generate_wrapper,
+        make_prefill_wrapper,
+    )
+    from otel_inference.instrumentation.torch._wrappers import _GENERATING, _state
+
+    mixin = module.GenerationMixin
+    patches.wrap(mixin, "generate", make_generate_wrapper(recorder, _state, _GENERATING))
+    patches.wrap(mixin, "_prefill", make_prefill_wrapper(_state, _GENERATING))
