@@ -1,6 +1,6 @@
 """transformers ``generate()`` as one ``generate`` stage with ``prefill`` and ``decode``.
 
-The wrapper opens a :class:`~otel_inference.generation.GenerationScope` and,
+The wrapper opens a :class:`~otel_inference.genai.GenerationScope` and,
 for the length of the call, puts this thread's torch wrapper state in
 *generating* mode: the model's forward calls are counted as steps instead of
 being ``model_forward`` stages, and the host<->device copies generate makes
@@ -36,7 +36,7 @@ import torch
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from otel_inference import semconv
-from otel_inference.generation import GenerationScope
+from otel_inference.genai import GenerationScope
 from otel_inference.stages import StageRecorder, log_once
 
 PROVIDER = "transformers"
