@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from otel_inference.report.generation import GenerationSummary
 
 SpanKey = tuple[str, str]
 """``(trace id, span id)``, lowercase hex as the source wrote them."""
@@ -95,8 +98,9 @@ class StageRow:
 class Verdict:
     """Where the tail's time goes and what to change first.
 
-    ``category`` is one of ``configuration``, ``runtime``, ``cache``, ``model``,
-    ``host``, ``downstream``, ``instrumentation``, ``custom`` or ``none``.
+    ``category`` is one of ``configuration`` (queue-bound), ``runtime``, ``cache``,
+    ``model``, ``host``, ``downstream``, ``instrumentation``, ``prefill``
+    (prefill-bound), ``decode`` (decode-bound), ``custom`` or ``none``.
     """
 
     stage: str | None
@@ -126,6 +130,8 @@ class Report:
     cache_hit_ratio: float | None = None
     cache_lookups: int = 0
     notes: list[str] = field(default_factory=list)
+    # TTFT / TPOT / tokens per second when requests generated (report.generation)
+    generation: GenerationSummary | None = None
 
     def row(self, stage: str, parent: str | None = None) -> StageRow:
         """The row of ``stage`` (nested rows: give ``parent``); ``KeyError`` if absent."""

@@ -48,6 +48,7 @@ from otel_inference.report._stats import (
     nearest_rank,
     union_length,
 )
+from otel_inference.report.generation import summarise_spans
 from otel_inference.report.verdict import decide
 
 ORDER = (
@@ -419,6 +420,7 @@ def _summarise(
         cache_hit_ratio=hit_ratio,
         cache_lookups=hits + misses,
         notes=notes,
+        generation=summarise_spans(requests, ((o.request, o.stage, o.span) for o in obs), budgets),
     )
 
 

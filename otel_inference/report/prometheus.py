@@ -30,6 +30,7 @@ from otel_inference import semconv
 from otel_inference.report._http import base_url, get_json
 from otel_inference.report._model import Report, ReportError, StageRow
 from otel_inference.report.analysis import order_key
+from otel_inference.report.generation import from_rows
 from otel_inference.report.verdict import decide
 
 DURATION = "inference_stage_duration_seconds"
@@ -139,7 +140,7 @@ def prometheus_report(
     merged = dict(default_budgets or {})
     merged.update({stage: value for (stage, _), value in gauge.items() if value is not None})
     merged.update(budgets or {})
-    rows = _rows(counts, quantiles, merged)
+    rows, generation = from_rows(_rows(counts, quantiles, merged))
     request = next((r for r in rows if r.kind == "request"), None)
     where = f"Prometheus at {client.url}" + (f" ({sel})" if sel else "")
     where += f", last {window}" if windowed else ", since process start"
@@ -153,6 +154,7 @@ def prometheus_report(
             *notes,
             "share of tail and cost need spans (--spans or --jaeger); the verdict weighs p95s",
         ],
+        generation=generation,
     )
 
 
