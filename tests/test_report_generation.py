@@ -12,7 +12,13 @@ from opentelemetry.exporter.otlp.json.file import FileSpanExporter
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from otel_inference import generation, request, stage
-from otel_inference.report import build_report, load_spans_file, render_json, render_table
+from otel_inference.report import (
+    build_report,
+    load_spans_file,
+    render_html,
+    render_json,
+    render_table,
+)
 from otel_inference.report._stats import nearest_rank
 
 REQUESTS = 10
@@ -58,6 +64,7 @@ def test_prefill_bound(telemetry, tmp_path):
     assert "Prefill-bound" in report.verdict.text
     table = render_table(report)
     assert "TTFT" in table and "TPOT" in table and "tokens/s" in table
+    assert "<h2>Generation</h2>" in render_html(report)
     data = json.loads(render_json(report))
     assert data["generation"]["ttft"]["p50"] == summary.ttft.p50
     assert report.row("prefill", parent="generate").count == REQUESTS

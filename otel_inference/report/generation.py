@@ -175,3 +175,14 @@ def generation_lines(report: Report) -> list[str]:
         if line is not None:
             lines.append(line)
     return lines
+
+
+def generation_html(report: Report) -> str:
+    """The HTML page's generation block (empty without generation)."""
+    from html import escape
+
+    lines = generation_lines(report)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{escape(line.strip())}</li>" for line in lines[1:])
+    return f"<h2>Generation</h2><p>{escape(lines[0])}</p><ul>{items}</ul>"

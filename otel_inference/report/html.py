@@ -18,6 +18,7 @@ from __future__ import annotations
 from html import escape
 
 from otel_inference.report._model import Report, StageRow
+from otel_inference.report.generation import generation_html
 from otel_inference.report.render import (
     COST_HEADER,
     fmt_dollars,
@@ -195,6 +196,7 @@ def render_html(report: Report) -> str:
         f'<div class="verdict"><strong>Verdict</strong>{verdict}</div>'
         f"{_tail_chart(report, colours)}{_percentile_chart(report, colours)}"
         f"<h2>Stages</h2>{_table(report)}"
+        f"{generation_html(report)}"
         f'<div class="notes">{"".join(f"<p>{escape(n)}</p>" for n in notes)}</div>'
         "</body></html>\n"
     )
