@@ -26,11 +26,15 @@ bench:  ## same-run A/B benchmarks; rewrites benchmarks/results.md
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 
-.PHONY: demo quickstart
+.PHONY: demo demo-llm quickstart
 demo: install  ## the embedding service under opentelemetry-instrument: Redis, load, then the report
 	# one resolve with the package (the span-file exporter pins the OTLP packages), torch pin repeated
 	$(PIP) install -q -e ".[test,prometheus,examples]" "torch==2.13.0"
 	$(PYTHON) -m examples.run_demo
+
+demo-llm: install  ## the token-streaming tiny GPT-2 service: client TTFT vs the report's
+	$(PIP) install -q -e ".[test,prometheus,examples]" "torch==2.13.0"
+	$(PYTHON) -m examples.run_llm_demo
 
 quickstart:  ## the quickstart under opentelemetry-instrument, console exporters
 	OTEL_SERVICE_NAME=quickstart OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.25 \
