@@ -27,6 +27,14 @@ histogram (``inference.transfer.direction`` = ``h2d`` | ``d2h``) for every one.
 Dtype casts and same-device calls take a fast path. Moving or loading a model
 (``module.to``, ``load_state_dict``) records nothing.
 
+transformers ``generate()`` (:envvar:`OTEL_INFERENCE_TORCH_GENERATE`, on by
+default): one ``generate`` stage holding ``prefill`` (to the first token) and
+``decode`` (the rest), each recorded once per call with the step count on the
+``decode`` span, plus the GenAI server metrics (time to first token, time per
+output token, request duration, token usage); the forwards and copies inside it
+are not stages of their own. See :mod:`otel_inference.genai` and
+``docs/generation.md``.
+
 Sampled kernel profile (:envvar:`OTEL_INFERENCE_TORCH_PROFILE_EVERY`, off by
 default): every Nth sampled forward runs under ``torch.profiler`` and its span
 gets kernel (or CPU op) time, idle gaps, memcpy time and the top ops.
@@ -54,7 +62,8 @@ Options (``instrument()`` arguments win over the environment): ``cuda_timing``
 (:envvar:`OTEL_INFERENCE_CUDA_TIMING`), ``profile_every``
 (:envvar:`OTEL_INFERENCE_TORCH_PROFILE_EVERY`), ``forward_depth``
 (:envvar:`OTEL_INFERENCE_TORCH_FORWARD_DEPTH`), ``transfers``
-(:envvar:`OTEL_INFERENCE_TORCH_TRANSFERS`), ``max_pending`` (bound of the
+(:envvar:`OTEL_INFERENCE_TORCH_TRANSFERS`), ``generate``
+(:envvar:`OTEL_INFERENCE_TORCH_GENERATE`), ``max_pending`` (bound of the
 events queue, default 1024), ``tracer_provider``, ``meter_provider``. A
 malformed value raises :class:`~otel_inference.ConfigurationError` naming the
 variable. Instrumenting does not import torch: the wrappers are installed when
