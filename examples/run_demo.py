@@ -302,32 +302,14 @@ def run(args: argparse.Namespace) -> int:
 
         port, metrics_port = free_port(), free_port()
         log_path = out / "service.log"
-        with log_path.open("wb") as log:
-            service = processes.start(
-                "service",
-                [
-                    str(VENV_BIN / "opentelemetry-instrument"),
-                    sys.executable,
-                    "-m",
-                    "examples.embedding_service.app",
-                    "--port",
-                    str(port),
-                ],
-                cwd=ROOT,
-                env=service_env(out, redis_port, metrics_port),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        say(f"embedding service starting under opentelemetry-instrument (log: {log_path})")
-
-        def ready() -> bool:
-            if service.poll() is not None:
-                raise DemoError(
-                    f"the service exited ({service.returncode}):\n{log_path.read_text()[-3000:]}"
-                )
-            return http_ok(f"http://{LOCALHOST}:{port}/healthz")
-
-        wait_until(ready, args.startup_timeout, "the service to load the model")
+        service = start_service(
+            processes,
+            "examples.embedding_service.app",
+            port,
+            service_env(out, redis_port, metrics_port),
+            log_path,
+            args.startup_timeout,
+        )
         say(f"service ready on http://{LOCALHOST}:{port} (metrics :{metrics_port}/metrics)")
 
         load = subprocess.run(
@@ -369,6 +351,45 @@ def run(args: argparse.Namespace) -> int:
         return status
     finally:
         processes.stop_all()
+
+
+def start_service(
+    processes: Processes,
+    module: str,
+    port: int,
+    env: dict[str, str],
+    log_path: Path,
+    startup_timeout: float,
+) -> subprocess.Popen[bytes]:
+    """``python -m module --port port`` under ``opentelemetry-instrument``, output to
+    ``log_path``; returns once its ``/healthz`` answers (DemoError if it exits first)."""
+    with log_path.open("wb") as log:
+        service = processes.start(
+            "service",
+            [
+                str(VENV_BIN / "opentelemetry-instrument"),
+                sys.executable,
+                "-m",
+                module,
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    say(f"{module} starting under opentelemetry-instrument (log: {log_path})")
+
+    def ready() -> bool:
+        if service.poll() is not None:
+            raise DemoError(
+                f"the service exited ({service.returncode}):\n{log_path.read_text()[-3000:]}"
+            )
+        return http_ok(f"http://{LOCALHOST}:{port}/healthz")
+
+    wait_until(ready, startup_timeout, "the service to load the model")
+    return service
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:

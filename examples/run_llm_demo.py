@@ -34,14 +34,12 @@ from typing import Any
 from examples.run_demo import (
     LOCALHOST,
     ROOT,
-    VENV_BIN,
     DemoError,
     Processes,
     free_port,
     http_get,
-    http_ok,
     say,
-    wait_until,
+    start_service,
 )
 
 BUDGETS = "ttft=2s,tpot=150ms,prefill=1s,decode=5s"
@@ -123,33 +121,14 @@ def run(args: argparse.Namespace) -> int:
     processes = Processes()
     try:
         port, metrics_port = free_port(), free_port()
-        log_path = out / "service.log"
-        with log_path.open("wb") as log:
-            service = processes.start(
-                "service",
-                [
-                    str(VENV_BIN / "opentelemetry-instrument"),
-                    sys.executable,
-                    "-m",
-                    "examples.llm_service.app",
-                    "--port",
-                    str(port),
-                ],
-                cwd=ROOT,
-                env=service_env(out, metrics_port),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        say(f"LLM service starting under opentelemetry-instrument (log: {log_path})")
-
-        def ready() -> bool:
-            if service.poll() is not None:
-                raise DemoError(
-                    f"the service exited ({service.returncode}):\n{log_path.read_text()[-3000:]}"
-                )
-            return http_ok(f"http://{LOCALHOST}:{port}/healthz")
-
-        wait_until(ready, args.startup_timeout, "the service to build the model")
+        service = start_service(
+            processes,
+            "examples.llm_service.app",
+            port,
+            service_env(out, metrics_port),
+            out / "service.log",
+            args.startup_timeout,
+        )
         say(f"service ready on http://{LOCALHOST}:{port} (metrics :{metrics_port}/metrics)")
 
         client_json = out / "client.json"
@@ -182,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
         processes.stop(service)  # SIGTERM: uvicorn shuts down, the SDK flushes the spans
         if not spans.exists() or spans.stat().st_size == 0:
-            raise DemoError(f"no spans were written to {spans}; see {log_path}")
+            raise DemoError(f"no spans were written to {spans}; see {out / 'service.log'}")
         report = build_report(load_spans_file(spans), budgets=parse_budgets(BUDGETS))
         print(render_table(report), flush=True)
         if report.generation is None or report.generation.ttft is None:

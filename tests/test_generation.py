@@ -213,6 +213,24 @@ def test_forwards_outside_generate_are_still_model_forward(telemetry, instrument
     assert len(telemetry.spans("generate")) == 1
 
 
+def test_generate_inside_a_forward_nests_in_model_forward(telemetry, instrumented, gpt2):
+    class Pipeline(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            return self.lm.generate(ids, max_new_tokens=4, min_new_tokens=4)
+
+    with request():
+        Pipeline(gpt2)(prompt(8))
+    points = telemetry.stage_points()
+    assert points[semconv.MODEL_FORWARD].count == 1
+    assert points["model_forward/generate"].count == 1
+    assert points["generate/decode"].count == 1
+    assert telemetry.spans("decode")[0].attributes[semconv.INFERENCE_GENERATION_DECODE_STEPS] == 3
+
+
 def test_beam_search_and_batches_count_tokens_per_sequence(telemetry, instrumented, gpt2):
     with request():
         out = gpt2.generate(

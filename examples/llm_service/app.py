@@ -28,14 +28,11 @@ when unset), ``LLM_MAX_NEW_TOKENS`` (64: the most a request may ask for).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import contextvars
 import logging
 import os
 import queue
-import signal
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -48,7 +45,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import orjson
 import torch
-import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from tokenizers import Tokenizer
@@ -59,6 +55,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as transformers_logging
 
 from examples.llm_service.words import WORDS
+from examples.serving import serve
 
 logger = logging.getLogger("llm_service")
 
@@ -269,21 +266,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A token-streaming tiny GPT-2 service")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logger.setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, _exit_cleanly)  # flush telemetry on SIGTERM (atexit)
-    with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(
-            create_app(), host=args.host, port=args.port, log_level="warning", access_log=False
-        )
-
-
-def _exit_cleanly(signum: int, _frame: object) -> None:
-    raise SystemExit(0)
+    serve(
+        create_app,
+        "A token-streaming tiny GPT-2 service",
+        default_port=8001,
+        logger=logger,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -142,8 +142,8 @@ def _wrap_generate(patches: Patches, module: Any, recorder: StageRecorder) -> No
         make_generate_wrapper,
         make_prefill_wrapper,
     )
-    from otel_inference.instrumentation.torch._wrappers import _GENERATING, _state
+    from otel_inference.instrumentation.torch._wrappers import _GENERATING, _QUIET, _state
 
     mixin = module.GenerationMixin
-    patches.wrap(mixin, "generate", make_generate_wrapper(recorder, _state, _GENERATING))
+    patches.wrap(mixin, "generate", make_generate_wrapper(recorder, _state, _GENERATING, _QUIET))
     patches.wrap(mixin, "_prefill", make_prefill_wrapper(_state, _GENERATING))

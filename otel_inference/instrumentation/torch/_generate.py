@@ -166,13 +166,18 @@ def make_generate_wrapper(
     recorder: StageRecorder,
     state: Any,
     generating: int,
+    quiet: int,
 ) -> Callable[..., Any]:
     """The ``wrapt`` wrapper of ``GenerationMixin.generate``; ``state`` is the torch
-    wrappers' per-thread state, ``generating`` its depth value in generate."""
+    wrappers' per-thread state, ``generating`` its depth value in generate, ``quiet``
+    the offset that silences everything (model moves, loads, a forward's inside)."""
 
     def generate(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if state.depth != 0 or not is_instrumentation_enabled():
-            return wrapped(*args, **kwargs)  # nested generate (assisted, subclass): the outer one
+        outer = state.depth
+        if outer >= quiet or not is_instrumentation_enabled():
+            # a nested generate (assisted decoding, a subclass calling super()): the outer
+            # one records it; inside a model move or load: nothing is a stage
+            return wrapped(*args, **kwargs)
         try:
             prompt = _prompt(args, kwargs)
             attributes: dict[str, Any] = {
@@ -202,11 +207,11 @@ def make_generate_wrapper(
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
-            state.depth = 0
+            state.depth = outer
             state.generation = previous
             scope.close(exc)
             raise
-        state.depth = 0
+        state.depth = outer
         state.generation = previous
         try:
             run.finish(result, encoder_decoder)

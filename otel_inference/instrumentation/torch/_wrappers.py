@@ -333,7 +333,8 @@ class TorchTracker:
         def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             depth = state.depth
             if depth >= max_depth:  # an inner call: nothing to record
-                if depth == _GENERATING and state.generation is not None:
+                # A step of generate(); never while Dynamo traces (no side effects in a graph).
+                if depth == _GENERATING and state.generation is not None and not _is_compiling():
                     return step_forward(
                         state.generation, state, _GENERATING, _QUIET, original, self, args, kwargs
                     )
