@@ -99,3 +99,22 @@ def test_no_generation_no_block(telemetry, tmp_path):
     report = build_report(load_spans_file(path))
     assert report.generation is None
     assert "TTFT" not in render_table(report)
+
+
+def test_prometheus_rows_become_the_generation_block():
+    from otel_inference.report._model import StageRow
+    from otel_inference.report.generation import from_rows
+
+    rows = [
+        StageRow("generate", "stage", 40, 0.5, 0.9, 1.0),
+        StageRow("prefill", "nested", 40, 0.1, 0.3, 0.4, parent="generate"),
+        StageRow("ttft", "nested", 40, 0.12, 0.35, 0.5, parent="generate", budget=0.3),
+        StageRow("tpot", "nested", 38, 0.02, 0.03, 0.04, parent="generate"),
+        StageRow("request", "request", 40, 0.6, 1.0, 1.2),
+    ]
+    rows[2].status = "over"
+    kept, summary = from_rows(rows)
+    assert [r.stage for r in kept] == ["generate", "prefill", "request"]
+    assert summary.requests == 40
+    assert (summary.ttft.p95, summary.ttft.budget, summary.ttft.status) == (0.35, 0.3, "over")
+    assert summary.tpot.count == 38 and summary.tokens_per_second is None
