@@ -357,6 +357,10 @@ class GenerationScope:
         scope.exit_context()
         try:
             self._record(scope, end_ns, exc)
+            # Our recording after the last token is not the application's time.
+            account = current_request()
+            if account is not None:
+                account.add_instrumentation(end_ns, perf_counter_ns())
         except Exception:
             log_once(
                 "generation-record",
