@@ -54,19 +54,9 @@ def test_ttft_budget_breach_fires_the_stage_alerts(rules):
         OTEL_INFERENCE_BUDGETS="ttft=10ms,tpot=1s,request=5s",
     ) as first:
         assert first == {"ready": True}
-        budgets = (
-            {
-                r["metric"]["inference_stage"]: float(r["value"][1])
-                for r in rules.query(f'inference_stage_budget_seconds{{job="{SERVICE}"}}')
-            }
-            if wait_until(
-                lambda: rules.query(f'inference_stage_budget_seconds{{job="{SERVICE}"}}'),
-                30,
-                "the budget gauge",
-                interval=0.5,
-            )
-            else {}
-        )
+        gauge = f'inference_stage_budget_seconds{{job="{SERVICE}"}}'
+        wait_until(lambda: rules.query(gauge), 30, "the budget gauge", interval=0.5)
+        budgets = {r["metric"]["inference_stage"]: float(r["value"][1]) for r in rules.query(gauge)}
         assert budgets == {"ttft": 0.01, "tpot": 1.0, "request": 5.0}
         expected = {
             ("InferenceStageP95OverBudget", "ttft"),
