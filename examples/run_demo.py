@@ -148,10 +148,23 @@ def http_ok(url: str) -> bool:
 
 
 def service_env(out: Path, redis_port: int, metrics_port: int) -> dict[str, str]:
+    """The embedding service's environment (see :func:`instrumented_env`)."""
+    return instrumented_env(
+        out,
+        metrics_port,
+        "embedding-service",
+        BUDGETS,
+        EMBEDDING_REDIS_URL=f"redis://{LOCALHOST}:{redis_port}/0",
+    )
+
+
+def instrumented_env(
+    out: Path, metrics_port: int, service: str, budgets: str, **extra: str
+) -> dict[str, str]:
     """The embedded defaults: spans to a local file, metrics on a scrape endpoint."""
     return {
         **os.environ,
-        "OTEL_SERVICE_NAME": "embedding-service",
+        "OTEL_SERVICE_NAME": service,
         "OTEL_TRACES_EXPORTER": "none",  # the span file is the destination
         "OTEL_INFERENCE_SPANS_FILE": str(out / "spans.jsonl"),
         # Every request is traced: a burst makes ~10 spans a request, more than the
@@ -162,13 +175,13 @@ def service_env(out: Path, redis_port: int, metrics_port: int) -> dict[str, str]
         "OTEL_EXPORTER_PROMETHEUS_HOST": LOCALHOST,
         "OTEL_EXPORTER_PROMETHEUS_PORT": str(metrics_port),
         "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_INFERENCE_BUDGETS": BUDGETS,
+        "OTEL_INFERENCE_BUDGETS": budgets,
         # Warm-up stages outside any request: histograms only, no orphan spans.
         "OTEL_INFERENCE_ROOT_STAGES": "metrics",
         "OTEL_PYTHON_FASTAPI_EXCLUDED_URLS": "healthz",
-        "EMBEDDING_REDIS_URL": f"redis://{LOCALHOST}:{redis_port}/0",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+        **extra,
     }
 
 

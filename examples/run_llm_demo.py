@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -38,32 +37,13 @@ from examples.run_demo import (
     Processes,
     free_port,
     http_get,
+    instrumented_env,
     say,
     start_service,
 )
 
 BUDGETS = "ttft=2s,tpot=150ms,prefill=1s,decode=5s"
 TOLERANCE = 0.05
-
-
-def service_env(out: Path, metrics_port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OTEL_SERVICE_NAME": "llm-service",
-        "OTEL_TRACES_EXPORTER": "none",  # the span file is the destination
-        "OTEL_INFERENCE_SPANS_FILE": str(out / "spans.jsonl"),
-        "OTEL_BSP_MAX_QUEUE_SIZE": "65536",
-        "OTEL_BSP_SCHEDULE_DELAY": "1000",
-        "OTEL_METRICS_EXPORTER": "prometheus",
-        "OTEL_EXPORTER_PROMETHEUS_HOST": LOCALHOST,
-        "OTEL_EXPORTER_PROMETHEUS_PORT": str(metrics_port),
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_INFERENCE_BUDGETS": BUDGETS,
-        "OTEL_INFERENCE_ROOT_STAGES": "metrics",  # the warm-up: histograms, no orphan spans
-        "OTEL_PYTHON_FASTAPI_EXCLUDED_URLS": "healthz",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
-    }
 
 
 def agreement(report_ttft: dict[str, float | None], client: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             processes,
             "examples.llm_service.app",
             port,
-            service_env(out, metrics_port),
+            instrumented_env(out, metrics_port, "llm-service", BUDGETS),
             out / "service.log",
             args.startup_timeout,
         )
