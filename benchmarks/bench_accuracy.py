@@ -15,7 +15,10 @@ spans go through the real ``FileSpanExporter`` (OTLP JSON Lines) and back throug
 * the verdict names the stage that was made heavy;
 * in the ``gap`` shape, ``postprocess`` runs outside any stage: the report must show
   its time as ``unattributed`` (figures and share within the same tolerances) and
-  the verdict must say so.
+  the verdict must say so;
+* in the ``N+1`` shape, a request hydrates features in 6 calls and serialises in 20:
+  the truth is each request's summed work in the stage (its calls are sequential),
+  which is what the report must show (a stage is what the request spent in it).
 
 Percentiles are nearest rank on both sides, as the report computes them.
 
@@ -79,6 +82,9 @@ class Shape:
     tail_ms: tuple[float, float] = (12.0, 30.0)
     sigma: float = 0.25  # log-normal spread of the ordinary work
     uninstrumented: str | None = None  # a stage whose work runs outside any stage()
+    # Stages whose work a request does in several calls (N+1 lookups, per-item
+    # serialisation): the truth is the calls' summed work, as a request spends it.
+    calls: dict[str, int] = field(default_factory=dict)
 
     def medians(self) -> dict[str, float]:
         return {**BASE_MS, **self.overrides}
@@ -101,6 +107,13 @@ SHAPES: tuple[Shape, ...] = (
         "postprocess",
         {"postprocess": 1.0},
         uninstrumented="postprocess",
+    ),
+    Shape(
+        "N+1 (6 feature lookups, 20 per-item serialisations)",
+        "feature_hydration",
+        "feature_hydration",
+        {"feature_hydration": 2.0, "serialize": 1.0},
+        calls={"feature_hydration": 6, "serialize": 20},
     ),
 )
 
@@ -179,10 +192,13 @@ def run_shape(
                     work(ns)
                     truth[name] = perf_counter_ns() - t0
                     continue
-                with recorder.stage(name):
-                    t0 = perf_counter_ns()
-                    work(ns)
-                    truth[name] = perf_counter_ns() - t0
+                calls = shape.calls.get(name, 1)
+                truth[name] = 0
+                for _ in range(calls):  # the request's time in the stage: all its calls
+                    with recorder.stage(name):
+                        t0 = perf_counter_ns()
+                        work(ns // calls)
+                        truth[name] += perf_counter_ns() - t0
             truth[REQUEST] = perf_counter_ns() - request_start
         truths.append(truth)
     provider.force_flush()

@@ -138,7 +138,7 @@ def alerts() -> list[Alert]:
             name="InferenceStageBudgetBreachRatioHigh",
             uid="inference-stage-breach-ratio-high",
             severity="warning",
-            summary="{{ $labels.job }}: {value} of stage {{ $labels.inference_stage }} executions over budget",
+            summary="{{ $labels.job }}: {value} of requests over their stage {{ $labels.inference_stage }} budget",
             value_format="humanizePercentage",
             threshold=promql.BREACH_RATIO_THRESHOLD,
             prometheus_value=f"{BREACH_RATIO_RECORD}{promql.selector(NOT_REQUEST)}",

@@ -147,6 +147,22 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     description="Above 100%: the stage's p95 is over its budget (InferenceStageP95OverBudget).",
                     thresholds=[(1.0, "red")],
                 ),
+                Panel(
+                    "Calls per request by stage (p95)",
+                    [
+                        Target(
+                            promql.quantile(0.95, promql.CALLS, promql.STAGE, (SVC, STG), RATE),
+                            stage_label,
+                        )
+                    ],
+                    unit="short",
+                    width=24,
+                    description=(
+                        "How many calls of each stage a request makes (inference_stage_calls): "
+                        "above 1, an N+1 pattern (a lookup or a serialisation per item). A stage's "
+                        "duration is the request's total time in it, whatever the count."
+                    ),
+                ),
             ],
         ),
         (
@@ -301,7 +317,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
                     unit="ops",
                 ),
                 Panel(
-                    "Share of executions over budget",
+                    "Share of requests over budget",
                     [
                         Target(
                             _ratio(

@@ -28,6 +28,7 @@ DURATION = metric(semconv.STAGE_DURATION, "seconds")  # histogram
 COST = metric(semconv.STAGE_COST, "seconds")  # histogram: per-member share of batched work
 BUDGET = metric(semconv.STAGE_BUDGET, "seconds")  # gauge
 BREACHES = metric(semconv.STAGE_BUDGET_BREACHES, "total")  # counter
+CALLS = metric(semconv.STAGE_CALLS)  # histogram, unit {call}: calls of a stage per request
 CACHE_LOOKUPS = metric(semconv.CACHE_LOOKUPS, "total")  # counter
 TOKENS = metric(semconv.TOKENS, "total")  # counter
 TRANSFER_SIZE = metric(semconv.TRANSFER_SIZE, "bytes")  # histogram
@@ -64,7 +65,7 @@ TTFT_STAGE = semconv.TTFT  # budget pseudo-stages
 TPOT_STAGE = semconv.TPOT
 
 # The p95-vs-budget alert and the breach-ratio alert say the same thing: more than
-# 5% of executions over budget is exactly a p95 over budget.
+# 5% of requests over budget is exactly a p95 over budget.
 BREACH_RATIO_THRESHOLD = 0.05
 
 

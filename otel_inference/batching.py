@@ -31,7 +31,8 @@ What is recorded (``instrument=False`` records nothing; see docs/batching-and-qu
 
 * ``queue_wait`` for each request, from submit until its batch starts, in the
   submitter's request (span when that request is sampled, linked to the batch span).
-* the batch's work as stage ``stage`` (default ``model_forward``): ONE span, linked
+* the batch's work as stage ``stage`` (default ``batch``, named apart from the
+  stages nested in it: ``tokenize``, ``model_forward``...): ONE span, linked
   to every member request; each member's ``inference.stage.duration`` histogram
   gets the whole duration (what it experienced) and ``inference.stage.cost`` gets
   ``duration / batch size`` (its share: sums to real time, no double counting).
@@ -299,7 +300,7 @@ class ThreadBatcher(_BatcherBase, Generic[I, O]):
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         name: str = "batcher",
-        stage: str = semconv.MODEL_FORWARD,
+        stage: str = semconv.BATCH,
         instrument: bool = True,
         recorder: StageRecorder | None = None,
     ) -> None:
@@ -434,7 +435,7 @@ class AsyncBatcher(_BatcherBase, Generic[I, O]):
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         name: str = "batcher",
-        stage: str = semconv.MODEL_FORWARD,
+        stage: str = semconv.BATCH,
         instrument: bool = True,
         recorder: StageRecorder | None = None,
         executor: Executor | None = None,

@@ -11,9 +11,10 @@ Usage::
     # other formats
     otel-inference report --format html --output report.html
 
-Budgets come from ``--budgets "tokenize=5ms,..."``, else from
-``OTEL_INFERENCE_BUDGETS`` / ``OTEL_INFERENCE_BUDGETS_FILE`` (and, for
-Prometheus, from the service's ``inference_stage_budget_seconds`` gauge).
+Budgets, per stage: ``--budgets "tokenize=5ms,..."``, else the telemetry's (the
+``inference.budget`` span attribute; Prometheus: the service's
+``inference_stage_budget_seconds`` gauge), else the report's own
+``OTEL_INFERENCE_BUDGETS`` / ``OTEL_INFERENCE_BUDGETS_FILE``.
 
 Exit status: 0 on success; 1 for bad input (a missing or empty file, spans
 without otel-inference attributes, an unreachable Jaeger or Prometheus), with
@@ -132,7 +133,8 @@ def parser() -> argparse.ArgumentParser:
         "--budgets",
         metavar="SPEC",
         type=_budgets,
-        help='"tokenize=5ms,model_forward=14ms,request=200ms" (default: OTEL_INFERENCE_BUDGETS)',
+        help='"tokenize=5ms,model_forward=14ms,request=200ms": overrides the budgets the '
+        "telemetry carries (default: those, else OTEL_INFERENCE_BUDGETS)",
     )
     report.add_argument(
         "--exclude-cold-start",
@@ -161,7 +163,6 @@ def make_report(args: argparse.Namespace) -> Report:
             default_budgets=env_budgets,
             exclude_cold_start=args.exclude_cold_start,
         )
-    budgets = args.budgets if args.budgets is not None else env_budgets
     if args.jaeger is not None:
         spans = load_jaeger(
             args.jaeger, service=args.service or "", lookback=args.lookback, limit=args.limit
@@ -180,7 +181,8 @@ def make_report(args: argparse.Namespace) -> Report:
         source = str(path)
     return build_report(
         spans,
-        budgets=budgets,
+        budgets=args.budgets,
+        default_budgets=env_budgets,
         cost_per_hour=args.cost_per_hour,
         exclude_cold_start=args.exclude_cold_start,
         source=source,

@@ -7,11 +7,15 @@ variable and the bad entry, never deep inside a user's request.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_EXCEPTION_MESSAGES,
+    OTEL_INFERENCE_MAX_SPANS_PER_REQUEST,
     OTEL_INFERENCE_ROOT_STAGES,
+    OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD,
+    OTEL_INFERENCE_STAGE_CALL_DURATION,
 )
 
 
@@ -56,3 +60,54 @@ def parse_bool(name: str, environ: Mapping[str, str] | None = None, default: boo
 def exception_messages_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """:envvar:`OTEL_INFERENCE_EXCEPTION_MESSAGES` (default false)."""
     return parse_bool(OTEL_INFERENCE_EXCEPTION_MESSAGES, environ)
+
+
+def stage_call_durations_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """:envvar:`OTEL_INFERENCE_STAGE_CALL_DURATION` (default false)."""
+    return parse_bool(OTEL_INFERENCE_STAGE_CALL_DURATION, environ)
+
+
+def parse_count(
+    name: str,
+    what: str,
+    default: int,
+    environ: Mapping[str, str] | None = None,
+    limit: int = 1_000_000,
+) -> int:
+    """A whole-number variable from 0 to ``limit`` (``what`` it counts, for the error)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) > limit:
+        raise ConfigurationError(
+            f"{name}={raw!r} must be a whole number of {what} from 0 to {limit}"
+        )
+    return int(raw)
+
+
+DEFAULT_MAX_SPANS_PER_REQUEST = 500
+
+
+def max_spans_per_request(environ: Mapping[str, str] | None = None) -> int:
+    """:envvar:`OTEL_INFERENCE_MAX_SPANS_PER_REQUEST` (default 500)."""
+    return parse_count(
+        OTEL_INFERENCE_MAX_SPANS_PER_REQUEST, "spans", DEFAULT_MAX_SPANS_PER_REQUEST, environ
+    )
+
+
+DEFAULT_SPAN_COMPRESSION_THRESHOLD_S = 0.05
+_ZERO_DURATION = re.compile(r"^0+(\.0*)?\s*(us|µs|ms|s)?$", re.IGNORECASE)
+
+
+def span_compression_threshold(environ: Mapping[str, str] | None = None) -> float:
+    """:envvar:`OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD` in seconds (default 50 ms; 0: off)."""
+    from otel_inference.budgets import parse_duration
+
+    environ = os.environ if environ is None else environ
+    raw = environ.get(OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD, "").strip()
+    if not raw:
+        return DEFAULT_SPAN_COMPRESSION_THRESHOLD_S
+    if _ZERO_DURATION.match(raw):
+        return 0.0  # compression off
+    return parse_duration(raw, entry=raw, source=OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD)

@@ -31,6 +31,37 @@ a script) produces besides its histogram: ``span`` (default) starts a root span
 that the sampler may keep; ``metrics`` records the histogram only.
 """
 
+OTEL_INFERENCE_MAX_SPANS_PER_REQUEST = "OTEL_INFERENCE_MAX_SPANS_PER_REQUEST"
+"""
+.. envvar:: OTEL_INFERENCE_MAX_SPANS_PER_REQUEST
+
+Most stage spans one request makes (default 500, as Elastic APM's
+``transaction_max_spans``). Later calls are still timed and counted in the
+request's stage totals, only not spanned; the request span carries
+``inference.spans.dropped``. ``0`` makes no stage spans inside requests.
+"""
+
+OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD = "OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD"
+"""
+.. envvar:: OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD
+
+Consecutive calls of one stage in one request, each successful, within its budget
+and at most this long (default ``50ms``, as Elastic APM's exact-match
+compression), share one span carrying ``inference.stage.calls`` and
+``inference.stage.calls.duration``. A failing, over-budget or longer call always
+gets its own span. ``0ms`` turns compression off.
+"""
+
+OTEL_INFERENCE_STAGE_CALL_DURATION = "OTEL_INFERENCE_STAGE_CALL_DURATION"
+"""
+.. envvar:: OTEL_INFERENCE_STAGE_CALL_DURATION
+
+``true`` also records the duration of every single stage call, inside requests
+too, into the ``inference.stage.call.duration`` histogram (per-call Redis
+latency, say). Default ``false``: ``inference.stage.duration`` holds what each
+request spent in each stage, and ``inference.stage.calls`` how many calls that took.
+"""
+
 OTEL_INFERENCE_EXCEPTION_MESSAGES = "OTEL_INFERENCE_EXCEPTION_MESSAGES"
 """
 .. envvar:: OTEL_INFERENCE_EXCEPTION_MESSAGES

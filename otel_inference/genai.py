@@ -360,7 +360,7 @@ class GenerationScope:
             # Our recording after the last token is not the application's time.
             account = current_request()
             if account is not None:
-                account.add_instrumentation(end_ns, perf_counter_ns())
+                account.add_instrumentation(perf_counter_ns() - end_ns)
         except Exception:
             log_once(
                 "generation-record",

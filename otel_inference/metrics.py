@@ -39,12 +39,27 @@ def duration_boundaries(budgets: Iterable[float] = ()) -> tuple[float, ...]:
     return tuple(sorted(set(DEFAULT_DURATION_BOUNDARIES).union(budgets)))
 
 
+CALLS_BOUNDARIES: tuple[float, ...] = (1, 2, 3, 4, 5, 10, 20, 50, 100, 200, 500, 1000)
+"""Calls of one stage per request: 1 is its own bucket, so N+1 patterns stand out."""
+
+
+def create_call_duration_histogram(meter: Meter) -> Histogram:
+    """The opt-in per-call histogram (:envvar:`OTEL_INFERENCE_STAGE_CALL_DURATION`)."""
+    return meter.create_histogram(
+        semconv.STAGE_CALL_DURATION,
+        unit="s",
+        description="Duration of every single call of a stage (opt-in)",
+        explicit_bucket_boundaries_advisory=DEFAULT_DURATION_BOUNDARIES,
+    )
+
+
 @dataclass(frozen=True)
 class StageInstruments:
     """The instruments every stage records into."""
 
     duration: Histogram
     breaches: Counter
+    calls: Histogram
     boundaries: tuple[float, ...]
 
 
@@ -54,13 +69,25 @@ def create_stage_instruments(meter: Meter, budgets: Iterable[float] = ()) -> Sta
         duration=meter.create_histogram(
             semconv.STAGE_DURATION,
             unit="s",
-            description="Duration of one inference stage of one request (inclusive of nested stages)",
+            description=(
+                "Time one request spent in one stage: the union of its calls, inclusive "
+                "of nested stages (outside a request: one call)"
+            ),
             explicit_bucket_boundaries_advisory=boundaries,
         ),
         breaches=meter.create_counter(
             semconv.STAGE_BUDGET_BREACHES,
             unit="{breach}",
-            description="Stage executions that took longer than their configured budget",
+            description=(
+                "Requests whose time in the stage broke its budget (outside a request: "
+                "single stage calls over budget)"
+            ),
+        ),
+        calls=meter.create_histogram(
+            semconv.STAGE_CALLS,
+            unit="{call}",
+            description="Calls of the stage one request made (N+1 patterns show here)",
+            explicit_bucket_boundaries_advisory=CALLS_BOUNDARIES,
         ),
         boundaries=boundaries,
     )

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from time import perf_counter_ns, time_ns
 from typing import Any
 
-from otel_inference.config import ConfigurationError
+from otel_inference.config import ConfigurationError, parse_count
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_COLD_START_REQUESTS,
     OTEL_INFERENCE_GC_EVENT_THRESHOLD,
@@ -55,16 +55,9 @@ _MAX_EVENTS_PER_REQUEST = 32
 
 def cold_start_requests(environ: Mapping[str, str] | None = None) -> int:
     """:envvar:`OTEL_INFERENCE_COLD_START_REQUESTS` (default 10; 0 turns flagging off)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(OTEL_INFERENCE_COLD_START_REQUESTS, "").strip()
-    if not raw:
-        return DEFAULT_COLD_START_REQUESTS
-    if not raw.isdigit() or int(raw) > 1_000_000:
-        raise ConfigurationError(
-            f"{OTEL_INFERENCE_COLD_START_REQUESTS}={raw!r} must be a whole number of "
-            "requests from 0 to 1000000"
-        )
-    return int(raw)
+    return parse_count(
+        OTEL_INFERENCE_COLD_START_REQUESTS, "requests", DEFAULT_COLD_START_REQUESTS, environ
+    )
 
 
 def gc_event_threshold(environ: Mapping[str, str] | None = None) -> float:

@@ -13,6 +13,11 @@ TOKENS = "inference.tokens"
 TRANSFER_SIZE = "inference.transfer.size"
 BATCH_SIZE = "inference.batch.size"
 SERIALIZE_SIZE = "inference.serialize.size"
+# Per request and stage: how many calls the request made (N+1 patterns). Also the
+# span attribute of a compressed span: how many calls it stands for.
+STAGE_CALLS = "inference.stage.calls"  # [inference_stage_calls]
+# Opt-in (OTEL_INFERENCE_STAGE_CALL_DURATION): the duration of every single call.
+STAGE_CALL_DURATION = "inference.stage.call.duration"  # [..._call_duration_seconds]
 
 # Attributes (metric labels and span attributes)
 INFERENCE_STAGE = "inference.stage"
@@ -27,6 +32,12 @@ INFERENCE_COLD_START = "inference.cold_start"
 INFERENCE_GC_PAUSE_DURATION = "inference.gc.pause.duration"  # request span: total s paused by GC
 INFERENCE_GC_PAUSE_COUNT = "inference.gc.pause.count"
 ERROR_TYPE = "error.type"
+# Compressed span: the time its calls took (union of their intervals), seconds.
+INFERENCE_STAGE_CALLS_DURATION = "inference.stage.calls.duration"
+# Request span: stage calls past OTEL_INFERENCE_MAX_SPANS_PER_REQUEST (counted, not spanned),
+# and the stages whose per-request time broke their budget.
+INFERENCE_SPANS_DROPPED = "inference.spans.dropped"
+INFERENCE_BUDGET_EXCEEDED_STAGES = "inference.budget.exceeded.stages"
 # Cache lookups (feature hydration): per-key hit/miss counts on the stage span,
 # and the result label of the CACHE_LOOKUPS counter.
 CACHE_RESULT = "inference.cache.result"  # hit | miss
@@ -65,6 +76,9 @@ STAGES = (
     POSTPROCESS,
     SERIALIZE,
 )
+# The dynamic batcher's shared work (otel_inference.batching): one span per batch,
+# named apart from the stages nested in it (tokenize, model_forward, ...).
+BATCH = "batch"
 # Pseudo-stages recorded by request(): the whole request, and the part of it
 # that no top-level stage covers.
 REQUEST = "request"

@@ -45,10 +45,11 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from time import perf_counter_ns, time_ns
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.semconv.attributes.exception_attributes import (
     EXCEPTION_STACKTRACE,
@@ -66,15 +67,25 @@ from opentelemetry.trace import (
 )
 
 from otel_inference import semconv
+from otel_inference.accounting import (
+    MAX_UNSETTLED_INTERVALS as _UNSETTLED,
+)
+from otel_inference.accounting import HeldSpan, IntervalUnion, StageTally, union_ns
 from otel_inference.budgets import NO_BUDGETS, Budgets, budgets_from_env, coerce_budgets
 from otel_inference.config import (
+    DEFAULT_MAX_SPANS_PER_REQUEST,
+    DEFAULT_SPAN_COMPRESSION_THRESHOLD_S,
     ConfigurationError,
     exception_messages_enabled,
+    max_spans_per_request,
     root_stage_policy,
+    span_compression_threshold,
+    stage_call_durations_enabled,
 )
 from otel_inference.metrics import (
     DEFAULT_DURATION_BOUNDARIES,
     StageInstruments,
+    create_call_duration_histogram,
     create_stage_instruments,
 )
 from otel_inference.runtime import COLD_START, GC_GENERATION, GC_PAUSE, gc_monitor
@@ -88,7 +99,6 @@ _MAX_CACHED_ATTRIBUTE_SETS = 1024
 # OTHER_STAGE (spans keep the real name). Guards against stage(f"user_{id}").
 MAX_STAGE_NAMES = 200
 OTHER_STAGE = "_other"
-_MAX_REQUEST_INTERVALS = 4096
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -116,78 +126,97 @@ def log_once(
 
 
 class RequestAccount:
-    """Per-request bookkeeping: the top-level stage intervals, and a bag of
-    figures that one stage can leave for a later stage of the same request
-    (e.g. tokenize's token counts for model_forward)."""
+    """Per-request bookkeeping: the top-level stage intervals, each stage's tally
+    (:mod:`otel_inference.accounting`: recorded once when the request ends), the
+    span budget, and a bag of figures that one stage can leave for a later stage
+    of the same request (e.g. tokenize's token counts for model_forward)."""
 
     __slots__ = (
-        "_instrumentation",
-        "_intervals",
+        "_covered",
+        "_instrumentation_ns",
         "attributes",
+        "closed",
         "cold",
         "gc_pause_count",
         "gc_pause_ns",
         "gc_pauses",
+        "lock",
         "name",
+        "recording",
+        "span_seq",
+        "spans",
+        "spans_dropped",
         "start_ns",
+        "sums",
+        "tallies",
     )
 
-    def __init__(self, name: str, start_ns: int, cold: bool = False) -> None:
+    def __init__(
+        self, name: str, start_ns: int, cold: bool = False, recording: bool = False
+    ) -> None:
         self.name = name
         self.start_ns = start_ns
         self.cold = cold
+        # The request's span is sampled: its stages may make spans (parent-based sampling).
+        self.recording = recording
         self.attributes: dict[str, Any] = {}
-        self._intervals: list[tuple[int, int]] = []
-        self._instrumentation: list[tuple[int, int]] = []
+        # Covered time besides the top-level tallies' own, and our time between stages.
+        self._covered = IntervalUnion()
+        self._instrumentation_ns = 0
         # Written by the GC monitor's callback while the request is in flight.
         self.gc_pause_ns = 0
         self.gc_pause_count = 0
         self.gc_pauses: list[Any] = []
+        # Stage calls of this request, keyed by (stage, enclosing stage). Guarded by
+        # ``lock``: a CUDA-timed stage is recorded from the resolver thread.
+        self.tallies: dict[tuple[str, str | None], StageTally] = {}
+        # Figures summed over the request, recorded when it ends (record_per_request).
+        self.sums: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
+        self.lock = threading.Lock()
+        self.closed = False  # recorded: later records are single calls
+        self.spans = 0  # stage spans opened in this request (the cap counts them)
+        self.spans_dropped = 0
+        self.span_seq = 0  # bumped per opened span: compression needs consecutive calls
+
+    def tally(self, name: str, parent: str | None, cold: bool, context: Any) -> StageTally:
+        key = (name, parent)
+        tally = self.tallies.get(key)
+        if tally is None:
+            tally = self.tallies[key] = StageTally(name, parent, cold, context)
+        return tally
+
+    def take_span(self, max_spans: int) -> bool:
+        """One more stage span for this request, unless it has its ``max_spans`` (or
+        has ended): then the call is counted as dropped."""
+        if self.spans >= max_spans or self.closed:
+            self.spans_dropped += 1
+            return False
+        self.spans += 1
+        self.span_seq += 1
+        return True
 
     def add_interval(self, start_ns: int, end_ns: int) -> None:
-        self._intervals.append((start_ns, end_ns))
-        if len(self._intervals) > _MAX_REQUEST_INTERVALS:
-            # Bounded memory for requests with huge numbers of stages.
-            self._intervals = _merge(self._intervals)
+        """Count ``[start_ns, end_ns]`` as covered, as a top-level stage's calls are
+        (a batch's time for its member requests)."""
+        self._covered.add(start_ns, end_ns)
 
-    def add_instrumentation(self, start_ns: int, end_ns: int) -> None:
+    def add_instrumentation(self, duration_ns: int) -> None:
         """Time otel-inference itself spent in this request outside any stage (a
         top-level stage's own enter and exit work): not the application's time,
         so it must not show as ``unattributed``."""
-        self._instrumentation.append((start_ns, end_ns))
-        if len(self._instrumentation) > _MAX_REQUEST_INTERVALS:
-            self._instrumentation = _merge(self._instrumentation)
+        self._instrumentation_ns += duration_ns
 
     def covered_ns(self, start_ns: int, end_ns: int) -> int:
-        """Length of the union of top-level stage intervals, clipped to [start, end]."""
-        return _union_ns(self._intervals, start_ns, end_ns)
+        """Length of the union of top-level stage time, clipped to [start, end]."""
+        unions = [t.union for t in self.tallies.values() if t.parent is None]
+        unions.append(self._covered)
+        settled = sum(u.settled_ns for u in unions)
+        intervals = [i for u in unions for i in u.intervals]
+        return settled + union_ns(intervals, start_ns, end_ns) if intervals else settled
 
-    def instrumentation_ns(self, start_ns: int, end_ns: int) -> int:
-        """Our own time that no stage covers (clipped to [start, end])."""
-        if not self._instrumentation:
-            return 0
-        both = _union_ns(self._intervals + self._instrumentation, start_ns, end_ns)
-        return both - self.covered_ns(start_ns, end_ns)
-
-
-def _union_ns(intervals: list[tuple[int, int]], start_ns: int, end_ns: int) -> int:
-    covered = 0
-    for lo, hi in _merge(intervals):
-        lo, hi = max(lo, start_ns), min(hi, end_ns)
-        if hi > lo:
-            covered += hi - lo
-    return covered
-
-
-def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(intervals):
-        if merged and lo <= merged[-1][1]:
-            if hi > merged[-1][1]:
-                merged[-1] = (merged[-1][0], hi)
-        else:
-            merged.append((lo, hi))
-    return merged
+    def instrumentation_ns(self) -> int:
+        """Our own time between stages (summed: it is a microsecond or two a stage)."""
+        return self._instrumentation_ns
 
 
 # (request account or None, enclosing stage name or None)
@@ -199,6 +228,12 @@ def current_stage() -> str | None:
     """Name of the innermost open stage in this context, or None."""
     frame = _FRAME.get()
     return None if frame is None else frame[1]
+
+
+def current_frame() -> tuple[RequestAccount | None, str | None] | None:
+    """``(request account, innermost open stage)`` in this context, or None outside
+    both: one read for instrumentors that need both."""
+    return _FRAME.get()
 
 
 def current_request() -> RequestAccount | None:
@@ -273,6 +308,43 @@ def _instruments_for(
         return cached
 
 
+class RequestSettings(NamedTuple):
+    """How stages inside a request are spanned and recorded (see the variables)."""
+
+    max_spans: int = DEFAULT_MAX_SPANS_PER_REQUEST
+    compression_threshold: float = DEFAULT_SPAN_COMPRESSION_THRESHOLD_S
+    call_durations: bool = False
+
+    @classmethod
+    def from_env(cls) -> RequestSettings:
+        """Raises :class:`ConfigurationError` naming a malformed variable."""
+        return cls(
+            max_spans_per_request(), span_compression_threshold(), stage_call_durations_enabled()
+        )
+
+
+def _request_settings_or_defaults() -> RequestSettings:
+    """The variables' settings; each malformed one is logged once and left at its default."""
+    values = []
+    for key, read, default in (
+        ("max-spans-env", max_spans_per_request, DEFAULT_MAX_SPANS_PER_REQUEST),
+        ("compression-env", span_compression_threshold, DEFAULT_SPAN_COMPRESSION_THRESHOLD_S),
+        ("call-duration-env", stage_call_durations_enabled, False),
+    ):
+        try:
+            values.append(read())
+        except ConfigurationError as exc:
+            log_once(
+                key,
+                "otel-inference: %s; using the default",
+                exc,
+                level=logging.ERROR,
+                exc_info=False,
+            )
+            values.append(default)
+    return RequestSettings(*values)
+
+
 class _Binding:
     """Everything the hot path needs, built once per configuration and swapped atomically."""
 
@@ -281,9 +353,13 @@ class _Binding:
         "_stage_names",
         "breaches",
         "budgets",
+        "call_duration",
+        "calls",
+        "compress_ns",
         "duration",
         "exception_messages",
         "extra_instruments",
+        "max_spans",
         "meter",
         "root_spans",
         "tracer",
@@ -297,6 +373,7 @@ class _Binding:
         budgets: Budgets,
         root_spans: bool,
         exception_messages: bool = False,
+        requests: RequestSettings | None = None,
     ) -> None:
         self.tracer = tracer
         self.exception_messages = exception_messages
@@ -304,6 +381,13 @@ class _Binding:
         self.extra_instruments: dict[Callable[[metrics.Meter], Any], Any] = {}
         self.duration = instruments.duration
         self.breaches = instruments.breaches
+        self.calls = instruments.calls
+        requests = requests or RequestSettings()
+        self.max_spans = requests.max_spans
+        self.compress_ns = round(requests.compression_threshold * 1e9)
+        self.call_duration = (
+            self.instruments(create_call_duration_histogram) if requests.call_durations else None
+        )
         self.budgets = budgets
         self.root_spans = root_spans
         self._attribute_sets: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
@@ -384,6 +468,7 @@ class StageRecorder:
         parsed = budgets_from_env() if budgets is None else coerce_budgets(budgets)
         policy = root_stage_policy() if root_stages is None else _check_root_stages(root_stages)
         exception_messages_enabled()  # raises on a malformed variable
+        RequestSettings.from_env()  # likewise
         with self._lock:
             self._tracer_provider = tracer_provider
             self._meter_provider = meter_provider
@@ -454,6 +539,7 @@ class StageRecorder:
                 budgets,
                 policy == "span",
                 exception_messages,
+                _request_settings_or_defaults(),
             )
             return self._binding
 
@@ -474,6 +560,37 @@ class StageRecorder:
     def request(self, name: str = "inference.request", **attributes: Any) -> RequestScope:
         """A request boundary: records ``request`` and ``unattributed`` for every request."""
         return RequestScope(self, name, attributes)
+
+    def record_per_request(
+        self, instrument: Any, value: float, attributes: Mapping[str, Any]
+    ) -> None:
+        """Record ``value`` into ``instrument`` (a histogram or a counter) for the
+        current request: inside an open request, values with the same attributes are
+        summed and recorded once when it ends (a request's bytes serialised over 500
+        small calls is one record, not 500); outside a request, now. Never raises."""
+        try:
+            frame = _FRAME.get()
+            account = None if frame is None else frame[0]
+            if account is not None:
+                with account.lock:
+                    if not account.closed:
+                        key = (id(instrument), tuple(attributes.items()))
+                        entry = account.sums.get(key)
+                        if entry is None:
+                            account.sums[key] = [instrument, attributes, value]
+                        else:
+                            entry[2] += value
+                        return
+            _emit(instrument, value, attributes)
+        except Exception:
+            log_once(
+                "per-request", "otel-inference: failed to record a figure", level=logging.ERROR
+            )
+
+    def adopt_request(self) -> AdoptedRequestScope:
+        """Account the stages of a request whose span another instrumentation owns
+        (a web framework's SERVER span): enter it inside that span."""
+        return AdoptedRequestScope(self)
 
     def start(self, name: str, attributes: Mapping[str, Any] | None = None) -> StageScope:
         """Open a stage now (for instrumentors); close it with ``end()``."""
@@ -514,7 +631,8 @@ class StageRecorder:
         captured context was inside a stage), a breach is counted past the
         budget, a top-level stage covers its interval of the captured request
         (``cover=False`` when the caller did it already with
-        :meth:`StageContext.cover`), and a span is made only when the captured
+        :meth:`StageContext.cover`; inside a request the stage's tally covers it
+        anyway), and a span is made only when the captured
         span was recording at capture time, or as a root span under
         ``OTEL_INFERENCE_ROOT_STAGES=span`` when there was no span at all
         (``span=False`` never makes one). The span is backdated to the interval
@@ -526,6 +644,23 @@ class StageRecorder:
             binding = self._binding or self._bind()
             captured = self.capture() if context is None else context
             duration_ns = max(0, end_ns - start_ns)
+            account = captured.account
+            if account is not None:
+                with account.lock:
+                    if not account.closed:
+                        return self._interval_in_request(
+                            binding,
+                            account,
+                            name,
+                            start_ns,
+                            duration_ns,
+                            captured,
+                            attributes,
+                            links,
+                            exc,
+                            span,
+                            cover,
+                        )
             seconds = duration_ns / 1e9
             metric_attributes = binding.metric_attributes(name, captured.parent, captured.cold)
             if exc is not None:
@@ -536,26 +671,15 @@ class StageRecorder:
             if span and (
                 captured.recording or (binding.root_spans and not captured.span_context.is_valid)
             ):
-                span_attributes = {semconv.INFERENCE_STAGE: name}
-                if captured.parent is not None:
-                    span_attributes[semconv.INFERENCE_STAGE_PARENT] = captured.parent
-                if captured.cold:
-                    span_attributes[semconv.INFERENCE_COLD_START] = True
-                if attributes:
-                    span_attributes.update(attributes)
-                start_wall_ns = time_ns() - (perf_counter_ns() - start_ns)
-                new_span = binding.tracer.start_span(
-                    name,
-                    context=captured.context,
-                    kind=SpanKind.INTERNAL,
-                    attributes=span_attributes,
-                    links=links,
-                    start_time=start_wall_ns,
+                start_wall_ns, new_span = _start_interval_span(
+                    binding, name, captured, attributes, links, start_ns
                 )
                 if new_span.is_recording():
                     span_context = new_span.get_span_context()
                 _finish_span(new_span, binding, start_wall_ns + duration_ns, exc, budget, exceeded)
             binding.duration.record(seconds, metric_attributes)
+            if binding.call_duration is not None:
+                binding.call_duration.record(seconds, metric_attributes)
             if exceeded:
                 binding.breaches.add(1, metric_attributes)
             if cover:
@@ -566,6 +690,52 @@ class StageRecorder:
                 "stage-interval", "otel-inference: failed to record stage", level=logging.ERROR
             )
             return None
+
+    def _interval_in_request(
+        self,
+        binding: _Binding,
+        account: RequestAccount,
+        name: str,
+        start_ns: int,
+        duration_ns: int,
+        captured: StageContext,
+        attributes: Mapping[str, Any] | None,
+        links: Sequence[Link] | None,
+        exc: BaseException | None,
+        span: bool,
+        cover: bool,
+    ) -> SpanContext | None:
+        """:meth:`record_interval` for a captured request still open (its lock held):
+        the call joins the request's tally; its span, if any, is held like a stage's."""
+        end_ns = start_ns + duration_ns
+        error_type = None if exc is None else _error_type(exc)
+        tally = account.tally(name, captured.parent, captured.cold, captured.context)
+        tally.add(start_ns, end_ns, error_type)
+        if cover:
+            captured.cover(start_ns, end_ns)
+        if binding.call_duration is not None:
+            metric_attributes = binding.metric_attributes(name, captured.parent, captured.cold)
+            if error_type is not None:
+                metric_attributes = {**metric_attributes, semconv.ERROR_TYPE: error_type}
+            binding.call_duration.record(duration_ns / 1e9, metric_attributes)
+        if not (span and captured.recording) or not account.take_span(binding.max_spans):
+            return None
+        start_wall_ns, new_span = _start_interval_span(
+            binding, name, captured, attributes, links, start_ns
+        )
+        if exc is not None and new_span.is_recording():
+            _mark_error(new_span, exc, binding.exception_messages)
+        held = HeldSpan(
+            new_span,
+            start_ns,
+            end_ns,
+            start_wall_ns + duration_ns,
+            False,  # recorded after the fact: nothing can join it
+            captured.context,
+            account.span_seq,
+        )
+        _hold(tally, held)
+        return new_span.get_span_context() if new_span.is_recording() else None
 
     def start_batch(
         self,
@@ -680,60 +850,129 @@ def _drain_gc_pauses(binding: _Binding) -> None:
         )
 
 
+# A scope entered this soon after it was made was made for this ``with``: its making
+# is counted as our own time. One made long before (kept, then entered) is not.
+_FRESH_SCOPE_NS = 100_000
+
+
 class StageScope(_Scope):
     """One execution of a stage. Single use as a context manager; as a
-    decorator each call gets a fresh scope."""
+    decorator each call gets a fresh scope.
+
+    Inside a request the call is added to the request's tally of the stage and
+    recorded when the request ends; its span (when sampled) is held open until
+    another span of the stage takes its place or the request ends, and a
+    consecutive short call of the same stage joins it instead of making its own
+    (span compression). Outside a request every call is recorded on exit.
+    """
 
     __slots__ = (
         "_account",
         "_binding",
         "_cold",
         "_context_token",
+        "_created_ns",
+        "_enter_ns",
         "_frame_token",
+        "_joined",
         "_metric_context",
+        "_outer_context",
         "_parent",
         "_span",
         "_start_ns",
         "_start_wall_ns",
+        "_tally",
     )
+
+    def __init__(
+        self, recorder: StageRecorder, name: str, attributes: Mapping[str, Any] | None
+    ) -> None:
+        self._recorder = recorder
+        self._name = name
+        self._attributes = attributes
+        # Making the scope is our work too: ``with stage(...)`` counts from here.
+        self._created_ns = perf_counter_ns()
 
     def __enter__(self) -> StageScope:
         enter_ns = perf_counter_ns()
+        if enter_ns - self._created_ns < _FRESH_SCOPE_NS:
+            enter_ns = self._created_ns
         self._span: Span | None = None
+        self._joined: HeldSpan | None = None
+        self._tally: StageTally | None = None
         self._metric_context: otel_context.Context | None = None
         try:
             binding = self._recorder._binding or self._recorder._bind()
             self._binding = binding
             frame = _FRAME.get()
-            account, parent = (None, None) if frame is None else frame
-            self._parent = parent
-            # Only top-level stages cover request time (nested ones are inside them).
-            self._account = account if parent is None else None
-            context = otel_context.get_current()
-            self._metric_context = context
-            current = trace.get_current_span(context)
-            if account is not None:
-                self._cold = account.cold
-            elif COLD_START.active:
-                self._cold = _cold_outside_request(parent, current)
+            account = None if frame is None else frame[0]
+            if account is None:
+                self._enter_alone(binding, None if frame is None else frame[1])
             else:
-                self._cold = False
-            if current.is_recording() or (
-                binding.root_spans and not current.get_span_context().is_valid
-            ):
-                self._open_span(binding, context)
+                # Inside a request. Unsampled, this is all a call costs: no context or
+                # span lookups (the request's sampling decision holds for its stages).
+                self._account = account
+                self._parent = parent = frame[1]  # type: ignore[index]
+                self._cold = account.cold
+                tally = account.tallies.get((self._name, parent)) or self._new_tally(account)
+                if account.recording:
+                    self._enter_sampled(binding, account, tally)
+                elif binding.call_duration is None:
+                    self._tally = tally  # __exit__ only counts the call
             self._frame_token: Token[_Frame | None] | None = _FRAME.set((account, self._name))
         except Exception:  # never break the host application
             log_once("stage-enter", "otel-inference: failed to open stage", level=logging.ERROR)
             self._binding = None
             self._frame_token = None
             self._account = None
+            self._tally = None
+        self._enter_ns = enter_ns
         self._start_ns = perf_counter_ns()
-        if self._account is not None:
-            self._account.add_instrumentation(enter_ns, self._start_ns)
         return self
 
-    def _open_span(self, binding: _Binding, context: otel_context.Context) -> None:
+    def _new_tally(self, account: RequestAccount) -> StageTally:
+        # setdefault: a racing thread's tally is kept, not replaced
+        return account.tallies.setdefault(
+            (self._name, self._parent), StageTally(self._name, self._parent, self._cold)
+        )
+
+    def _enter_sampled(self, binding: _Binding, account: RequestAccount, tally: StageTally) -> None:
+        """Inside a sampled request: join the stage's held span (a consecutive short
+        call: compression), or take one of the request's spans (the cap), or none."""
+        context = otel_context.get_current()
+        self._metric_context = self._outer_context = context
+        held = tally.held
+        if (
+            held is not None
+            and held.compressible
+            and held.context is context
+            and held.seq == account.span_seq
+        ):
+            self._joined = held
+            return
+        if not trace.get_current_span(context).is_recording():
+            return
+        if account.take_span(binding.max_spans):
+            self._open_span(binding, context)
+
+    def _enter_alone(self, binding: _Binding, parent: str | None) -> None:
+        """Outside any request (or inside a batch): a single call with its own span."""
+        self._account = None
+        self._parent = parent
+        context = otel_context.get_current()
+        self._metric_context = self._outer_context = context
+        current = trace.get_current_span(context)
+        self._cold = COLD_START.active and _cold_outside_request(parent, current)
+        if current.is_recording() or (
+            binding.root_spans and not current.get_span_context().is_valid
+        ):
+            self._open_span(binding, context)
+
+    def _open_span(
+        self, binding: _Binding, context: otel_context.Context, start_wall_ns: int | None = None
+    ) -> None:
+        """Start the stage span; attach it as the current span unless backdated
+        (a span made after its call, for a call that could not join its held span)."""
         attributes: dict[str, Any] = {semconv.INFERENCE_STAGE: self._name}
         if self._parent is not None:
             attributes[semconv.INFERENCE_STAGE_PARENT] = self._parent
@@ -741,7 +980,7 @@ class StageScope(_Scope):
             attributes[semconv.INFERENCE_COLD_START] = True
         if self._attributes:
             attributes.update(self._attributes)
-        self._start_wall_ns = time_ns()
+        self._start_wall_ns = time_ns() if start_wall_ns is None else start_wall_ns
         span = binding.tracer.start_span(
             self._name,
             context=context,
@@ -750,6 +989,8 @@ class StageScope(_Scope):
             start_time=self._start_wall_ns,
         )
         self._span = span
+        if start_wall_ns is not None:
+            return
         span_context = trace.set_span_in_context(span, context)
         # Metrics are recorded in the stage's own context, so an exemplar links
         # the histogram bucket to this stage's span (not its parent), even when
@@ -772,10 +1013,39 @@ class StageScope(_Scope):
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         end_ns = perf_counter_ns()
+        tally = self._tally
+        if tally is not None and exc is None:
+            # The hot path: a successful call in an unsampled request, added to the
+            # request's tally (a lock-free append); recorded when the request ends.
+            try:
+                _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
+                self._frame_token = None
+                account = self._account
+                start_ns = self._start_ns
+                if account.closed:  # type: ignore[union-attr]
+                    self.record(end_ns - start_ns)  # its request ended: a single call
+                    return False
+                intervals = tally.union.intervals
+                intervals.append((start_ns, end_ns))
+                if len(intervals) > _UNSETTLED:
+                    tally.union.settle()
+                if self._parent is None:
+                    account._instrumentation_ns += (  # type: ignore[union-attr]
+                        start_ns - self._enter_ns + perf_counter_ns() - end_ns
+                    )
+                if _GC_PENDING:
+                    _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
+            except Exception:  # never break the host application
+                log_once("stage-exit", "otel-inference: failed to close stage", level=logging.ERROR)
+            return False
         self.exit_context()
         self.record(end_ns - self._start_ns, exc)
-        if self._account is not None:
-            self._account.add_instrumentation(end_ns, perf_counter_ns())
+        account = self._account
+        if account is not None and self._parent is None:
+            # Our own enter and exit work, around the stage: not the application's.
+            account.add_instrumentation(
+                self._start_ns - self._enter_ns + perf_counter_ns() - end_ns
+            )
         return False
 
     def end(self, exc: BaseException | None = None) -> None:
@@ -805,7 +1075,9 @@ class StageScope(_Scope):
         end_time_ns: int | None = None,
         **span_attributes: Any,
     ) -> None:
-        """Record the histogram, budget check and span end for ``duration_ns``.
+        """Record the call: inside a request, into the request's tally of the stage
+        (recorded when the request ends); outside one (or after it ended), the
+        histogram and budget check now. Ends or holds the span.
 
         ``end_time_ns`` (wall clock, ``time_ns``) ends the span there instead of at
         its start plus ``duration_ns``: a device-timed stage whose span should end
@@ -814,26 +1086,226 @@ class StageScope(_Scope):
         if binding is None:
             return
         try:
-            name = self._name
-            seconds = duration_ns / 1e9
-            attributes = binding.metric_attributes(name, self._parent, self._cold)
-            if exc is not None:
-                attributes = {**attributes, semconv.ERROR_TYPE: _error_type(exc)}
-            budget = binding.budgets.get(name)
-            exceeded = budget is not None and seconds > budget
-            span = self._span
-            if span is not None:
-                end_time = self._start_wall_ns + duration_ns if end_time_ns is None else end_time_ns
-                _finish_span(span, binding, end_time, exc, budget, exceeded, span_attributes)
-            binding.duration.record(seconds, attributes, context=self._metric_context)
-            if exceeded:
-                binding.breaches.add(1, attributes, context=self._metric_context)
-            if self._account is not None:
-                self._account.add_interval(self._start_ns, self._start_ns + duration_ns)
-            if _GC_PENDING:
-                _drain_gc_pauses(binding)
+            account = self._account
+            if account is not None:
+                with account.lock:
+                    if not account.closed:
+                        self._add_to_request(
+                            binding, account, duration_ns, exc, end_time_ns, span_attributes
+                        )
+                        return
+            self._record_call(binding, duration_ns, exc, end_time_ns, span_attributes)
         except Exception:
             log_once("stage-record", "otel-inference: failed to record stage", level=logging.ERROR)
+        finally:
+            if _GC_PENDING:
+                _drain_gc_pauses(binding)
+
+    def _record_call(
+        self,
+        binding: _Binding,
+        duration_ns: int,
+        exc: BaseException | None,
+        end_time_ns: int | None,
+        span_attributes: Mapping[str, Any],
+    ) -> None:
+        """A single call, recorded on its own (outside a request)."""
+        seconds = duration_ns / 1e9
+        attributes = binding.metric_attributes(self._name, self._parent, self._cold)
+        if exc is not None:
+            attributes = {**attributes, semconv.ERROR_TYPE: _error_type(exc)}
+        budget = binding.budgets.get(self._name)
+        exceeded = budget is not None and seconds > budget
+        span = self._span
+        if span is not None:
+            end_time = self._start_wall_ns + duration_ns if end_time_ns is None else end_time_ns
+            _finish_span(span, binding, end_time, exc, budget, exceeded, span_attributes)
+        elif self._joined is not None:  # its request ended before this late record
+            self._open_span(binding, self._outer_context, _wall_of(self._start_ns))
+            _finish_span(
+                self._span,  # type: ignore[arg-type]
+                binding,
+                self._start_wall_ns + duration_ns,
+                exc,
+                budget,
+                exceeded,
+                span_attributes,
+            )
+        binding.duration.record(seconds, attributes, context=self._metric_context)
+        if binding.call_duration is not None:
+            binding.call_duration.record(seconds, attributes, context=self._metric_context)
+        if exceeded:
+            binding.breaches.add(1, attributes, context=self._metric_context)
+        account = self._account
+        if account is not None and self._parent is None:
+            account.add_interval(self._start_ns, self._start_ns + duration_ns)
+
+    def _add_to_request(
+        self,
+        binding: _Binding,
+        account: RequestAccount,
+        duration_ns: int,
+        exc: BaseException | None,
+        end_time_ns: int | None,
+        span_attributes: Mapping[str, Any],
+    ) -> None:
+        """A call inside a request (the account's lock is held)."""
+        start_ns = self._start_ns
+        end_ns = start_ns + duration_ns
+        error_type = None if exc is None else _error_type(exc)
+        tally = account.tally(self._name, self._parent, self._cold, self._metric_context)
+        if tally.context is None:  # the exemplar of the request's record: the first span
+            tally.context = self._metric_context
+        tally.add(start_ns, end_ns, error_type)  # a top-level tally covers request time
+        if binding.call_duration is not None:
+            attributes = binding.metric_attributes(self._name, self._parent, self._cold)
+            if error_type is not None:
+                attributes = {**attributes, semconv.ERROR_TYPE: error_type}
+            binding.call_duration.record(
+                duration_ns / 1e9, attributes, context=self._metric_context
+            )
+        budget = binding.budgets.get(self._name)
+        compressible = (
+            error_type is None
+            and duration_ns <= binding.compress_ns
+            and (budget is None or duration_ns / 1e9 <= budget)
+        )
+        joined = self._joined
+        if joined is not None:
+            if compressible and tally.held is joined:
+                joined.join(start_ns, end_ns)
+                return
+            # Failing, slow or over budget: never hidden in a compressed span.
+            if not account.take_span(binding.max_spans):
+                return
+            self._open_span(binding, self._outer_context, _wall_of(start_ns))
+        span = self._span
+        if span is None:
+            return  # unsampled, or past the cap
+        if span.is_recording():
+            if span_attributes:
+                span.set_attributes(span_attributes)
+            if exc is not None:
+                _mark_error(span, exc, binding.exception_messages)
+        end_wall_ns = self._start_wall_ns + duration_ns if end_time_ns is None else end_time_ns
+        held = HeldSpan(
+            span,
+            start_ns,
+            end_ns,
+            end_wall_ns,
+            compressible,
+            self._outer_context,
+            account.span_seq,
+        )
+        _hold(tally, held)
+
+
+def _hold(tally: StageTally, held: HeldSpan) -> None:
+    """Make ``held`` the stage's latest span; the one it replaces ends (no verdict:
+    only the last span of the stage in the request carries it)."""
+    previous, tally.held = tally.held, held
+    if previous is not None:
+        _end_held(previous, None, False)
+
+
+def _start_interval_span(
+    binding: _Binding,
+    name: str,
+    captured: StageContext,
+    attributes: Mapping[str, Any] | None,
+    links: Sequence[Link] | None,
+    start_ns: int,
+) -> tuple[int, Span]:
+    """The span of a stage recorded after the fact, backdated to ``start_ns``."""
+    span_attributes: dict[str, Any] = {semconv.INFERENCE_STAGE: name}
+    if captured.parent is not None:
+        span_attributes[semconv.INFERENCE_STAGE_PARENT] = captured.parent
+    if captured.cold:
+        span_attributes[semconv.INFERENCE_COLD_START] = True
+    if attributes:
+        span_attributes.update(attributes)
+    start_wall_ns = _wall_of(start_ns)
+    span = binding.tracer.start_span(
+        name,
+        context=captured.context,
+        kind=SpanKind.INTERNAL,
+        attributes=span_attributes,
+        links=links,
+        start_time=start_wall_ns,
+    )
+    return start_wall_ns, span
+
+
+def _wall_of(perf_ns: int) -> int:
+    """The wall-clock time (``time_ns``) of a past ``perf_counter_ns`` reading."""
+    return time_ns() - (perf_counter_ns() - perf_ns)
+
+
+def _end_held(held: HeldSpan, budget: float | None, exceeded: bool) -> None:
+    """End a held stage span: a compressed one says how many calls it stands for and
+    their time; the stage's last span carries the request's budget verdict."""
+    span = held.span
+    if span.is_recording():
+        if held.calls > 1:
+            span.set_attribute(semconv.STAGE_CALLS, held.calls)
+            span.set_attribute(semconv.INFERENCE_STAGE_CALLS_DURATION, held.busy_ns / 1e9)
+        if budget is not None:
+            span.set_attribute(semconv.INFERENCE_BUDGET, budget)
+            span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
+    span.end(end_time=held.end_wall_ns)
+
+
+def _emit(instrument: Any, value: float, attributes: Mapping[str, Any]) -> None:
+    if hasattr(instrument, "record"):
+        instrument.record(value, attributes)
+    else:
+        instrument.add(value, attributes)
+
+
+def _close_account(binding: _Binding, account: RequestAccount, request_span: Span | None) -> None:
+    """The request ended: record each of its stages once (time, calls, budget) and
+    its per-request figures, end the held spans, and tell the request span what
+    was dropped or breached."""
+    with account.lock:
+        account.closed = True
+        tallies = list(account.tallies.values())
+    # Ending spans can run exporters here (a SimpleSpanProcessor): their own work
+    # (a JSON dump, an HTTP call) is not the application's, and must not be recorded.
+    with suppress_instrumentation():
+        _record_account(binding, account, tallies, request_span)
+
+
+def _record_account(
+    binding: _Binding,
+    account: RequestAccount,
+    tallies: list[StageTally],
+    request_span: Span | None,
+) -> None:
+    for instrument, attributes, value in account.sums.values():
+        _emit(instrument, value, attributes)
+    breached: list[str] = []
+    for tally in tallies:
+        if not tally.calls:
+            continue  # opened, not finished yet: recorded as a single call when it is
+        seconds = tally.time_ns() / 1e9
+        attributes = binding.metric_attributes(tally.name, tally.parent, tally.cold)
+        if tally.error_type is not None:
+            attributes = {**attributes, semconv.ERROR_TYPE: tally.error_type}
+        budget = binding.budgets.get(tally.name)
+        exceeded = budget is not None and seconds > budget
+        if tally.held is not None:
+            _end_held(tally.held, budget, exceeded)
+            tally.held = None
+        binding.duration.record(seconds, attributes, context=tally.context)
+        binding.calls.record(tally.calls, attributes, context=tally.context)
+        if exceeded:
+            binding.breaches.add(1, attributes, context=tally.context)
+            breached.append(tally.name)
+    if request_span is not None and request_span.is_recording():
+        if account.spans_dropped:
+            request_span.set_attribute(semconv.INFERENCE_SPANS_DROPPED, account.spans_dropped)
+        if breached:
+            request_span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED_STAGES, breached)
 
 
 def _finish_span(
@@ -851,6 +1323,7 @@ def _finish_span(
         if attributes:
             span.set_attributes(attributes)
         if budget is not None:
+            span.set_attribute(semconv.INFERENCE_BUDGET, budget)
             span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
         if exc is not None:
             _mark_error(span, exc, binding.exception_messages)
@@ -937,7 +1410,8 @@ class RequestScope(_Scope):
                 self._span = span
                 self._context_token = otel_context.attach(trace.set_span_in_context(span))
             start_ns = perf_counter_ns()
-            self._account: RequestAccount = RequestAccount(self._name, start_ns, cold)
+            recording = self._span is not None and self._span.is_recording()
+            self._account: RequestAccount = RequestAccount(self._name, start_ns, cold, recording)
             if _GC.started:
                 _GC.in_flight[id(self._account)] = self._account
             self._frame_token: Token[_Frame | None] | None = _FRAME.set((self._account, None))
@@ -966,10 +1440,11 @@ class RequestScope(_Scope):
             _GC.in_flight.pop(id(account), None)
             duration_ns = end_ns - account.start_ns
             covered_ns = account.covered_ns(account.start_ns, end_ns)
-            instrumentation_ns = account.instrumentation_ns(account.start_ns, end_ns)
+            instrumentation_ns = account.instrumentation_ns()
             unattributed_ns = max(0, duration_ns - covered_ns - instrumentation_ns)
             if self._frame_token is not None:
                 _FRAME.reset(self._frame_token)
+            _close_account(binding, account, self._span)
             request_attributes = binding.metric_attributes(semconv.REQUEST, None, account.cold)
             if exc is not None:
                 request_attributes = {**request_attributes, semconv.ERROR_TYPE: _error_type(exc)}
@@ -1001,6 +1476,65 @@ class RequestScope(_Scope):
         except Exception:
             log_once("request-exit", "otel-inference: failed to close request", level=logging.ERROR)
         return False
+
+
+class AdoptedRequestScope:
+    """A request whose span someone else owns (a web framework's SERVER span).
+
+    Its stages are accounted per request (each recorded once, when it ends) and
+    its GC pauses attributed, as under ``request()``; the ``request`` and
+    ``unattributed`` stages are left to ``request()`` and the report. Nested in
+    another request it does nothing. See :mod:`otel_inference.server_requests`.
+    """
+
+    __slots__ = ("_account", "_binding", "_frame_token", "_recorder")
+
+    def __init__(self, recorder: StageRecorder) -> None:
+        self._recorder = recorder
+        self._account: RequestAccount | None = None
+        self._frame_token: Token[_Frame | None] | None = None
+
+    def __enter__(self) -> AdoptedRequestScope:
+        try:
+            if _FRAME.get() is not None:
+                return self  # already inside a request (or a stage): it owns the account
+            self._binding = self._recorder._binding or self._recorder._bind()
+            span = trace.get_current_span()
+            cold = COLD_START.active and COLD_START.take_trace(span.get_span_context().trace_id)
+            account = self._account = RequestAccount(
+                "server", perf_counter_ns(), cold, span.is_recording()
+            )
+            if _GC.started:
+                _GC.in_flight[id(account)] = account
+            self._frame_token = _FRAME.set((account, None))
+        except Exception:
+            log_once("adopt-enter", "otel-inference: failed to open request", level=logging.ERROR)
+            self._account = None
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        account = self._account
+        if account is None:
+            return False
+        try:
+            _GC.in_flight.pop(id(account), None)
+            if self._frame_token is not None:
+                _FRAME.reset(self._frame_token)
+            span = trace.get_current_span()
+            _close_account(self._binding, account, span)
+            if account.gc_pause_count and span.is_recording():
+                _add_gc_pauses(span, account)
+            if _GC_PENDING:
+                _drain_gc_pauses(self._binding)
+        except Exception:
+            log_once("adopt-exit", "otel-inference: failed to close request", level=logging.ERROR)
+        return False
+
+    async def __aenter__(self) -> AdoptedRequestScope:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)
 
 
 class StageContext:

@@ -23,7 +23,14 @@ def test_plan_is_seeded_and_has_its_heavy_tail():
     assert forward[-1] > 3 * forward[len(forward) // 2]  # the spikes are there
 
 
-@pytest.mark.parametrize("name", ["compute-bound", "gap (postprocess uninstrumented)"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "compute-bound",
+        "gap (postprocess uninstrumented)",
+        "N+1 (6 feature lookups, 20 per-item serialisations)",
+    ],
+)
 def test_report_matches_the_measured_truth(name):
     shape = SHAPES_BY_NAME[name]
     run = run_shape(shape, n=80, seed=21)

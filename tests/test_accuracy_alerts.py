@@ -30,6 +30,7 @@ from tests.servers import require_binary
 SHAPES_BY_NAME = {shape.name: shape for shape in SHAPES}
 COMPUTE = SHAPES_BY_NAME["compute-bound"]
 GAP = SHAPES_BY_NAME["gap (postprocess uninstrumented)"]
+N_PLUS_1 = next(shape for shape in SHAPES if shape.calls)
 # Seed 10 plans 9 (compute-bound) and 8 (gap) spikes in 80 requests: over 5%, not on it.
 N, SEED = 80, 10
 
@@ -92,6 +93,20 @@ def test_uninstrumented_heavy_work_fires_for_unattributed(promtool):
     run = run_shape(GAP, n=N, seed=SEED, budgets=design_budgets(GAP))
     check = check_alerts(run, expected_alerts(GAP), promtool)
     assert check.expected == {(P95_ALERT, UNATTRIBUTED), (RATIO_ALERT, UNATTRIBUTED)}
+    assert check.ok, check.output
+
+
+def test_a_stage_over_budget_across_its_calls_fires(promtool):
+    """Feature hydration in 6 calls: every single call stays under the 12 ms budget,
+    the spiked requests' total does not. A budget is per request, so it fires."""
+    budget = coerce_budgets(design_budgets(N_PLUS_1))["feature_hydration"]
+    planned = plan(N_PLUS_1, N, SEED)
+    calls = N_PLUS_1.calls["feature_hydration"]
+    assert all(r["feature_hydration"] / calls / 1e9 < budget for r in planned)
+    assert sum(r["feature_hydration"] / 1e9 > budget for r in planned) / N >= 0.1
+    run = run_shape(N_PLUS_1, n=N, seed=SEED, budgets=design_budgets(N_PLUS_1))
+    check = check_alerts(run, expected_alerts(N_PLUS_1), promtool)
+    assert check.expected == {(P95_ALERT, "feature_hydration"), (RATIO_ALERT, "feature_hydration")}
     assert check.ok, check.output
 
 

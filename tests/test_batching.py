@@ -99,11 +99,11 @@ def test_burst_raises_queue_wait_while_forward_stays_flat_threads(telemetry):
             call(index)
         quiet_wait, quiet_forward = (
             buckets(telemetry, "queue_wait"),
-            buckets(telemetry, "model_forward"),
+            buckets(telemetry, "batch"),
         )
         run_threads(call, 64)  # a burst: 16 batches of 4 behind each other
     burst_wait = quantile(buckets(telemetry, "queue_wait"), quiet_wait, 0.95)
-    burst_forward = quantile(buckets(telemetry, "model_forward"), quiet_forward, 0.95)
+    burst_forward = quantile(buckets(telemetry, "batch"), quiet_forward, 0.95)
     calm_wait = quantile(quiet_wait, ([], []), 0.95)
     calm_forward = quantile(quiet_forward, ([], []), 0.95)
     assert burst_wait >= 5 * FORWARD_S  # many batches ahead
@@ -124,14 +124,14 @@ def test_burst_raises_queue_wait_while_forward_stays_flat_asyncio(telemetry):
         for index in range(8):
             await call(index)
         await asyncio.sleep(0)  # let the last batch's scheduled recording run
-        quiet = buckets(telemetry, "queue_wait"), buckets(telemetry, "model_forward")
+        quiet = buckets(telemetry, "queue_wait"), buckets(telemetry, "batch")
         await asyncio.gather(*(call(index) for index in range(64)))
         await batcher.aclose()
         return quiet
 
     quiet_wait, quiet_forward = asyncio.run(main())
     burst_wait = quantile(buckets(telemetry, "queue_wait"), quiet_wait, 0.95)
-    burst_forward = quantile(buckets(telemetry, "model_forward"), quiet_forward, 0.95)
+    burst_forward = quantile(buckets(telemetry, "batch"), quiet_forward, 0.95)
     calm_wait = quantile(quiet_wait, ([], []), 0.95)
     calm_forward = quantile(quiet_forward, ([], []), 0.95)
     assert burst_wait >= 5 * FORWARD_S
@@ -188,7 +188,7 @@ def test_one_batch_span_linked_to_every_member_and_shared_cost(telemetry):
                 batcher(index, timeout=10)
 
         run_threads(call, 4)  # dispatched when the 4th arrives
-    (batch,) = telemetry.spans("model_forward")
+    (batch,) = telemetry.spans("batch")
     requests = telemetry.spans("inference.request")
     waits = telemetry.spans("queue_wait")
     assert len(requests) == 4 and len(waits) == 4
@@ -206,10 +206,10 @@ def test_one_batch_span_linked_to_every_member_and_shared_cost(telemetry):
     points = telemetry.stage_points()
     duration = (batch.end_time - batch.start_time) / 1e9
     # Each member experienced the whole forward; the cost is counted once in total.
-    assert points["model_forward"].count == 4
-    assert points["model_forward"].sum == pytest.approx(4 * duration, rel=0.01)
+    assert points["batch"].count == 4
+    assert points["batch"].sum == pytest.approx(4 * duration, rel=0.01)
     assert metric_sum(telemetry, "inference.stage.cost") == pytest.approx(duration, rel=0.01)
-    # queue_wait + model_forward cover the requests.
+    # queue_wait + batch cover the requests.
     assert points["unattributed"].sum < 0.5 * points["request"].sum
 
 
@@ -230,8 +230,8 @@ def test_unsampled_members_record_histograms_without_spans(unsampled_telemetry):
         run_threads(call, 8)
     assert unsampled_telemetry.spans() == []
     points = unsampled_telemetry.stage_points()
-    assert points["queue_wait"].count == 8 and points["model_forward"].count == 8
-    assert "model_forward/h2d_transfer" in points
+    assert points["queue_wait"].count == 8 and points["batch"].count == 8
+    assert "batch/h2d_transfer" in points
 
 
 def test_member_inside_a_stage_keeps_its_parent(telemetry):
@@ -239,7 +239,7 @@ def test_member_inside_a_stage_keeps_its_parent(telemetry):
         with request(), stage("handler"):
             batcher(1, timeout=10)
     points = telemetry.stage_points()
-    assert {"handler/queue_wait", "handler/model_forward"} <= set(points)
+    assert {"handler/queue_wait", "handler/batch"} <= set(points)
     assert "queue_wait" not in points
 
 
@@ -250,7 +250,7 @@ def test_instrument_false_and_suppression_record_nothing(telemetry):
     with ThreadBatcher(sleepy_forward, max_wait_ms=0) as batcher:
         with request(), suppress_instrumentation():
             assert batcher(2, timeout=10) == 4
-    assert telemetry.spans("model_forward") == [] and telemetry.spans("queue_wait") == []
+    assert telemetry.spans("batch") == [] and telemetry.spans("queue_wait") == []
     assert set(telemetry.stage_points()) == {"request", "unattributed"}
 
 
@@ -270,10 +270,10 @@ def test_sync_fn_in_async_batcher_runs_in_executor_with_batch_context(telemetry)
 
     asyncio.run(main())
     assert threading.get_ident() not in threads
-    (batch,) = telemetry.spans("model_forward")
+    (batch,) = telemetry.spans("batch")
     (nested,) = telemetry.spans("h2d_transfer")
     assert nested.parent.span_id == batch.context.span_id
-    assert "model_forward/h2d_transfer" in telemetry.stage_points()
+    assert "batch/h2d_transfer" in telemetry.stage_points()
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -292,9 +292,9 @@ def test_batch_error_is_delivered_to_every_member(telemetry):
         # The worker keeps serving after a failed batch.
         more = [batcher.submit(i) for i in range(4)]
         assert all(future.exception(timeout=10) is error for future in more)
-    (first, _) = telemetry.spans("model_forward")
+    (first, _) = telemetry.spans("batch")
     assert first.status.status_code is StatusCode.ERROR
-    assert telemetry.stage_points()["model_forward!ValueError"].count == 8
+    assert telemetry.stage_points()["batch!ValueError"].count == 8
 
 
 def test_wrong_number_of_results(telemetry):
@@ -315,7 +315,7 @@ def test_batch_error_async(telemetry):
     results = asyncio.run(main())
     assert all(isinstance(result, KeyError) for result in results)
     assert results[0] is results[1] is results[2]
-    assert telemetry.stage_points()["model_forward!KeyError"].count == 3
+    assert telemetry.stage_points()["batch!KeyError"].count == 3
 
 
 # --- cancellation and shutdown ---------------------------------------------------------

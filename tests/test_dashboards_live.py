@@ -168,6 +168,7 @@ def test_variable_queries_list_the_service_and_every_stage(shipping):
         "tokenize",
         "h2d_transfer",
         "model_forward",
+        "batch",
         "d2h_transfer",
         "postprocess",
         "serialize",
@@ -183,11 +184,11 @@ def test_stage_share_sums_to_one_and_cost_uses_batch_share(shipping):
         substitute(board["Share of request time by stage (top-level stages)"]["targets"][0]["expr"])
     )
     by_stage = {r["metric"]["inference_stage"]: float(r["value"][1]) for r in share}
-    assert "h2d_transfer" not in by_stage  # nested: counted inside model_forward
+    assert "h2d_transfer" not in by_stage  # nested: counted inside the batch
     assert sum(by_stage.values()) == pytest.approx(1.0)
     cost = shipping.query(substitute(board["Cost per 1k requests by stage"]["targets"][0]["expr"]))
     stages = {r["metric"]["inference_stage"] for r in cost}
-    assert "model_forward" in stages and not {"request", "queue_wait"} & stages
+    assert "batch" in stages and not {"request", "queue_wait"} & stages
 
 
 def firing(prometheus) -> set[tuple[str, str]]:

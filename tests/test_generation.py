@@ -209,7 +209,13 @@ def test_forwards_outside_generate_are_still_model_forward(telemetry, instrument
         gpt2(prompt(8))
         gpt2.generate(prompt(8), max_new_tokens=4, min_new_tokens=4)
         gpt2(prompt(8))
-    assert telemetry.stage_points()[semconv.MODEL_FORWARD].count == 2
+    # one model_forward value for the request (issue 15's accounting), two calls in it
+    assert telemetry.stage_points()[semconv.MODEL_FORWARD].count == 1
+    calls = {
+        p.attributes[semconv.INFERENCE_STAGE]: p.sum
+        for p in telemetry.metric_points(semconv.STAGE_CALLS)
+    }
+    assert calls[semconv.MODEL_FORWARD] == 2 and calls["generate"] == 1
     assert len(telemetry.spans("generate")) == 1
 
 
@@ -365,7 +371,7 @@ def test_uninstrument_restores_generate(gpt2):
     assert vars(GenerationMixin)["generate"] is ORIGINAL_GENERATE
 
 
-def test_generate_off_records_each_forward(telemetry, gpt2):
+def test_generate_off_records_each_forward_as_model_forward(telemetry, gpt2):
     instrumentor = TorchInstrumentor()
     instrumentor.instrument(generate=False)
     try:
@@ -373,7 +379,13 @@ def test_generate_off_records_each_forward(telemetry, gpt2):
             gpt2.generate(prompt(8), max_new_tokens=5, min_new_tokens=5)
     finally:
         instrumentor.uninstrument()
-    assert telemetry.stage_points()[semconv.MODEL_FORWARD].count == 5
+    # every forward is a model_forward call: one value for the request, five calls in it
+    (calls,) = [
+        p
+        for p in telemetry.metric_points(semconv.STAGE_CALLS)
+        if p.attributes[semconv.INFERENCE_STAGE] == semconv.MODEL_FORWARD
+    ]
+    assert calls.sum == 5
     assert telemetry.spans("generate") == []
 
 

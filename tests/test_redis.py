@@ -171,7 +171,10 @@ def test_unsampled_records_histogram_and_counters_only(unsampled_telemetry, inst
             assert pipe.execute() == [b"1", None]
 
     assert unsampled_telemetry.spans() == []
-    assert stage_count(unsampled_telemetry) == 2
+    # Two reads (the MGET, the pipeline) in one request: one feature_hydration value.
+    assert stage_count(unsampled_telemetry) == 1
+    (calls,) = unsampled_telemetry.metric_points("inference.stage.calls")
+    assert calls.sum == 2
     assert lookups(unsampled_telemetry) == {("hit",): 2, ("miss",): 2}
 
 

@@ -230,7 +230,7 @@ def test_batch_shared_by_members_costs_each_its_share(writer):
     report = report_of(writer, cost_per_hour=3.6)
 
     assert report.requests == 12
-    forward = report.row("model_forward")
+    forward = report.row("batch")
     # Every member experienced the whole batch, though only one trace holds its span.
     assert (forward.count, forward.p50, forward.p99) == (12, ms(20), ms(20))
     # Cost: 20 ms / 4 for the members of full batches, 20 ms / 5 in the third.
@@ -252,7 +252,7 @@ def test_batch_found_through_member_links_only(writer):
     # No links on the batch span: the members' queue_wait spans (share 1/4) lead to it.
     writer.batch([8, 6, 4, 2], forward_ms=12, link_members=False)
     report = report_of(writer, cost_per_hour=3.6)
-    forward = report.row("model_forward")
+    forward = report.row("batch")
     assert forward.count == 4
     assert forward.cost_per_request == pytest.approx(12 / 4 / 1000 * DOLLARS_PER_SECOND, **EXACT)
 
@@ -374,7 +374,7 @@ def test_table_and_json_renderings(writer):
     assert "Verdict: queue_wait dominates the tail" in table
 
     data = json.loads(render_json(report))
-    assert data["schema"] == "otel-inference-report/1"
+    assert data["schema"] == "otel-inference-report/2"
     assert data["verdict"]["stage"] == "queue_wait"
     by_label = {row["label"]: row for row in data["rows"]}
     assert by_label["queue_wait"]["p95"] == 0.040 and by_label["queue_wait"]["status"] == "over"
@@ -410,14 +410,14 @@ def test_real_batcher_spans(telemetry, tmp_path):
     telemetry.tracer_provider.force_flush()
 
     report = build_report(load_spans_file(path), cost_per_hour=3.6)
-    batches = [s for s in telemetry.spans("model_forward") if s.links]
+    batches = [s for s in telemetry.spans("batch") if s.links]
     assert report.requests == 8
-    assert report.row("model_forward").count == 8
+    assert report.row("batch").count == 8
     assert report.row("queue_wait").count == 8
-    assert report.row("tokenize", parent="model_forward").count == len(batches)
+    assert report.row("tokenize", parent="batch").count == len(batches)
     assert sum(s.attributes["inference.batch.size"] for s in batches) == 8
     batch_ns = sum(s.end_time - s.start_time for s in batches)  # each batch counted once
-    assert report.row("model_forward").cost_per_request == pytest.approx(
+    assert report.row("batch").cost_per_request == pytest.approx(
         batch_ns / 1e9 / 8 * DOLLARS_PER_SECOND, **EXACT
     )
     declared = sorted(
@@ -453,3 +453,21 @@ def test_gc_pauses_in_the_tail_become_a_sentence(telemetry, tmp_path):
     (note,) = [n for n in report.notes if n.startswith("GC:")]
     assert "paused by garbage collection" in note and "gc.freeze()" in note
     assert report.tail_requests >= 2
+
+
+def test_a_stage_is_what_each_request_spent_in_it(writer):
+    # Three 2 ms lookups per request (plain spans) in half the requests, one
+    # compressed span standing for three 2 ms calls over 10 ms in the other half.
+    for i in range(20):
+        if i % 2:
+            steps = [("feature_hydration", 2), (GAP, 1)] * 3
+        else:
+            compressed = {"inference.stage.calls": 3, "inference.stage.calls.duration": 0.006}
+            steps = [Step("feature_hydration", 10, compressed)]
+        writer.request([*steps, ("model_forward", 4)])
+    report = report_of(writer, budgets={"feature_hydration": 0.005})
+    row = next(r for r in report.rows if r.label == "feature_hydration")
+    assert row.count == 20  # requests, not calls
+    assert row.p50 == pytest.approx(ms(6), **EXACT)
+    assert row.p95 == pytest.approx(ms(6), **EXACT)
+    assert row.status == "over"  # 6 ms per request against a 5 ms budget

@@ -109,9 +109,11 @@ def test_jaeger_gives_the_same_report_as_the_span_file(known):
                 assert getattr(ours, key) == value, (ours.label, key)
     # The known truths, as in test_report (the batch members found through links).
     forward = from_jaeger.row("model_forward")
-    assert (forward.count, forward.p99) == (28, 0.020)
-    assert forward.cost_per_request == pytest.approx(
-        (20 * 10 + 4 * 20 / 4 + 4 * 20 / 5) / 30 / 1000 * 0.001, **EXACT
+    assert (forward.count, forward.p99) == (20, 0.010)
+    batch = from_jaeger.row("batch")
+    assert (batch.count, batch.p99) == (8, 0.020)
+    assert batch.cost_per_request == pytest.approx(
+        (4 * 20 / 4 + 4 * 20 / 5) / 30 / 1000 * 0.001, **EXACT
     )
     assert from_jaeger.row("queue_wait").status == "over"
     assert from_jaeger.verdict == from_file.verdict

@@ -17,8 +17,8 @@ import pytest
 
 from otel_inference.metrics import duration_boundaries
 from otel_inference.report._stats import nearest_rank
-from tests.instrumented import bucket_of, scraped
-from tests.servers import wait_until
+from tests.instrumented import bucket_of, prometheus_env, scraped, start
+from tests.servers import LOCALHOST, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -113,3 +113,61 @@ def test_prometheus_without_our_series(prometheus_server):
     assert result.returncode == 1
     assert "has no inference_stage_duration_seconds series" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_disagreeing_budget_gauges_are_reported(prometheus_server):
+    """Two replicas of one service run with other model_forward budgets: the report
+    uses the most frequent (a tie: the smaller) and says they disagree."""
+    label = "report-budgets"
+    processes, targets = [], []
+    try:
+        for budget in ("14ms", "20ms"):
+            port = free_port()
+            processes.append(
+                start(
+                    APP,
+                    prometheus_env(
+                        port,
+                        OTEL_SERVICE_NAME="report-staged-app",
+                        OTEL_INFERENCE_BUDGETS=f"model_forward={budget}",
+                        STAGED_APP_TOKENIZER="1",
+                    ),
+                )
+            )
+            targets.append(f"{LOCALHOST}:{port}")
+        for process in processes:
+            json.loads(process.stdout.readline())  # its load is done
+        prometheus_server.set_targets(targets, {"service": label})
+
+        def both_scraped() -> bool:
+            result = prometheus_server.query(f'inference_stage_budget_seconds{{service="{label}"}}')
+            return len(result) == 2
+
+        wait_until(both_scraped, 60, "prometheus to scrape both replicas", interval=0.5)
+        result = subprocess.run(
+            [
+                *(CLI, "report", "--prometheus", prometheus_server.url),
+                *("--service", label, "--format", "json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+    finally:
+        prometheus_server.set_targets([])
+        for process in processes:
+            process.stdin.close()
+            process.wait(timeout=30)
+    forward = {row["label"]: row for row in data["rows"]}["model_forward"]
+    assert (forward["budget"], forward["budget_source"]) == (0.014, "telemetry")
+    assert (
+        "budgets disagree for model_forward in the telemetry: 14 ms (1 series), 20 ms (1 series); "
+        "using 14 ms, the most frequent (a tie: the smallest) (--budgets chooses)"
+    ) in data["notes"]
+    # Padding from the inference.tokens counter: 6 real of 8 positions per request.
+    padding = data["padding"]
+    assert (padding["real_tokens"], padding["padded_tokens"]) == (2 * 100 * 6, 2 * 100 * 8)
+    assert padding["waste"] == 0.25 and "length bucketing" in padding["advice"]
+    assert padding["forward_share"] is None  # needs spans

@@ -237,7 +237,7 @@ def test_stages_recorded_later_for_a_cold_request_are_cold(telemetry):
         )
         counts[key] = counts.get(key, 0) + point.count
     assert counts[("queue_wait", True)] == 2 and counts[("queue_wait", False)] == 2
-    assert counts[("model_forward", True)] == 2 and counts[("model_forward", False)] == 2
+    assert counts[("batch", True)] == 2 and counts[("batch", False)] == 2
     assert counts[("postprocess", True)] == 1 and ("postprocess", False) not in counts
     cold_spans = [
         span.name

@@ -105,7 +105,9 @@ def test_cover_false_and_span_false(telemetry):
         )
     assert telemetry.spans("queue_wait") == []
     assert telemetry.stage_points()["queue_wait"].count == 1
-    assert telemetry.stage_points()["unattributed"].sum >= 0.02
+    # Inside a request a top-level stage's calls cover their time whatever ``cover``
+    # says (it only spares a caller that covered already a second, harmless, cover).
+    assert telemetry.stage_points()["unattributed"].sum < 0.02
 
 
 def test_interval_outside_request_follows_root_stage_policy(telemetry):

@@ -157,7 +157,10 @@ def test_unsampled_request_records_histogram_only(instrumented, unsampled_teleme
         for _ in range(4):
             mlp(torch.randn(2, 16))
     assert unsampled_telemetry.spans() == []
-    assert unsampled_telemetry.stage_points()[FORWARD].count == 4
+    # Four forwards in one request: one model_forward value, four calls.
+    assert unsampled_telemetry.stage_points()[FORWARD].count == 1
+    (calls,) = unsampled_telemetry.metric_points("inference.stage.calls")
+    assert calls.sum == 4
 
 
 def test_library_exception_propagates_unchanged(instrumented, telemetry, mlp):

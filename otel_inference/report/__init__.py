@@ -18,6 +18,7 @@ Usage::
     print(render_table(report))
     assert report.row("model_forward").p95 is not None
     print(report.verdict.stage, report.verdict.category)
+    print(report.padding, report.timeline, report.slowest[:1])  # issue 19's additions
 
 From the command line::
 
@@ -25,11 +26,16 @@ From the command line::
 """
 
 from otel_inference.report._model import (
+    Padding,
     Report,
     ReportError,
+    RequestWaterfall,
+    SpanEvent,
     SpanRecord,
     StageRow,
+    Timeline,
     Verdict,
+    WaterfallBar,
 )
 from otel_inference.report.analysis import build_report
 from otel_inference.report.html import render_html
@@ -43,11 +49,16 @@ RENDERERS = {"table": render_table, "json": render_json, "html": render_html}
 
 __all__ = [
     "RENDERERS",
+    "Padding",
     "Report",
     "ReportError",
+    "RequestWaterfall",
+    "SpanEvent",
     "SpanRecord",
     "StageRow",
+    "Timeline",
     "Verdict",
+    "WaterfallBar",
     "build_report",
     "load_jaeger",
     "load_spans_file",

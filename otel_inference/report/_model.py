@@ -32,6 +32,15 @@ class ReportError(Exception):
 
 
 @dataclass(frozen=True)
+class SpanEvent:
+    """A span event (``gc.pause``...): wall-clock nanoseconds and its attributes."""
+
+    name: str
+    time_ns: int
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SpanRecord:
     """One finished span, whatever the source.
 
@@ -49,6 +58,7 @@ class SpanRecord:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     links: tuple[SpanKey, ...] = ()
     service: str | None = None
+    events: tuple[SpanEvent, ...] = ()
 
     @property
     def key(self) -> SpanKey:
@@ -88,6 +98,7 @@ class StageRow:
     budget: float | None = None
     status: str | None = None
     cost_per_request: float | None = None
+    budget_source: str | None = None  # explicit | telemetry | environment
 
     @property
     def label(self) -> str:
@@ -130,6 +141,9 @@ class Report:
     cache_hit_ratio: float | None = None
     cache_lookups: int = 0
     notes: list[str] = field(default_factory=list)
+    padding: Padding | None = None
+    timeline: Timeline | None = None
+    slowest: list[RequestWaterfall] = field(default_factory=list)
     # TTFT / TPOT / tokens per second when requests generated (report.generation)
     generation: GenerationSummary | None = None
 
@@ -139,3 +153,70 @@ class Report:
             if row.stage == stage and row.parent == parent:
                 return row
         raise KeyError(stage if parent is None else f"{parent}/{stage}")
+
+
+@dataclass
+class Padding:
+    """Padding waste: real vs padded token positions of the ``tokenize`` spans
+    (``inference.tokens.real`` / ``.padded``), and the ``model_forward`` time that
+    the padded positions imply, assuming a forward's time grows with the positions
+    it computes. ``forward_seconds``: total time of the ``model_forward`` spans
+    beside tokenize spans (same parent span: the batch, or the request);
+    ``padding_seconds``: the share of it spent on padding; ``forward_share``:
+    ``padding_seconds / forward_seconds``; per request and cost: over all
+    requests. ``advice``: a sentence when the waste is large, else ``None``."""
+
+    real_tokens: int
+    padded_tokens: int
+    waste: float | None
+    tokenize_calls: int = 0
+    forward_seconds: float | None = None
+    padding_seconds: float | None = None
+    forward_share: float | None = None
+    seconds_per_request: float | None = None
+    cost_per_request: float | None = None
+    advice: str | None = None
+
+
+@dataclass
+class Timeline:
+    """Per-stage p95 over time: requests binned by their start, ``bin_seconds``
+    wide from ``start_ns``; ``p95[stage][i]`` is the nearest-rank p95 of the
+    stage's per-request times in the requests of bin ``i`` (``None``: none there);
+    ``requests[i]``: requests in bin ``i``."""
+
+    start_ns: int
+    bin_seconds: float
+    requests: list[int]
+    p95: dict[str, list[float | None]]
+
+
+@dataclass
+class WaterfallBar:
+    """One stage span of a request on its time axis (seconds from the request's
+    start). ``depth`` 0 is top level, 1 nested in a stage, ... ``batch``: the
+    batch span's id and size when the request shared this span with others."""
+
+    stage: str
+    start: float
+    duration: float
+    depth: int
+    parent: str | None = None
+    batch_id: str | None = None
+    batch_size: int | None = None
+    batcher: str | None = None
+    calls: int | None = None  # a compressed span: the calls it stands for
+    busy: float | None = None  # ... and their time (s), less than its extent
+
+
+@dataclass
+class RequestWaterfall:
+    """One of the slowest requests: its stages, and the intervals the process
+    held it (``gc.pause`` events: start offset and duration in seconds)."""
+
+    trace_id: str
+    span_id: str
+    start_ns: int
+    duration: float
+    bars: list[WaterfallBar]
+    held: list[tuple[str, float, float]] = field(default_factory=list)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from otel_inference.accounting import merge_intervals
+
 PERCENTILE_METHOD = (
     "nearest-rank: the p-th percentile of n values is the ceil(p*n)-th smallest (no interpolation)"
 )
@@ -29,18 +31,6 @@ def nearest_rank(values: Sequence[int] | Sequence[float], q: float) -> int | flo
     ordered = sorted(values)
     rank = max(1, math.ceil(round(q * len(ordered), 9)))
     return ordered[min(rank, len(ordered)) - 1]
-
-
-def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, disjoint intervals covering the same points as ``intervals``."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(i for i in intervals if i[1] > i[0]):
-        if merged and start <= merged[-1][1]:
-            if end > merged[-1][1]:
-                merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged
 
 
 def union_length(intervals: Iterable[tuple[int, int]]) -> int:

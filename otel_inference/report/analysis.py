@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from otel_inference import semconv
+from otel_inference.report._budgets import choose_budgets, learnt_budgets
 from otel_inference.report._model import (
     Report,
     ReportError,
@@ -49,6 +50,8 @@ from otel_inference.report._stats import (
     union_length,
 )
 from otel_inference.report.generation import summarise_spans
+from otel_inference.report.padding import padding_summary
+from otel_inference.report.timeline import slowest_requests, stage_timeline
 from otel_inference.report.verdict import decide
 
 ORDER = (
@@ -57,6 +60,7 @@ ORDER = (
     semconv.FEATURE_HYDRATION,
     semconv.PREPROCESS,
     semconv.TOKENIZE,
+    semconv.BATCH,
     semconv.H2D_TRANSFER,
     semconv.MODEL_FORWARD,
     semconv.D2H_TRANSFER,
@@ -171,7 +175,7 @@ class _Index:
         return None
 
 
-def _batch_size(span: SpanRecord) -> int | None:
+def batch_size(span: SpanRecord) -> int | None:
     """Members sharing ``span``: a stage span linked to its members (not a member's
     own span, which carries ``inference.batch.share``); ``None`` when not shared."""
     if not span.links or semconv.INFERENCE_BATCH_SHARE in span.attributes:
@@ -200,7 +204,7 @@ def observations(index: _Index) -> list[Observation]:
         for link in span.links if share is not None else ():
             weights.setdefault(link, share)  # type: ignore[arg-type]
     for span in index.spans.values():
-        size = _batch_size(span) if _stage_of(span) is not None else None
+        size = batch_size(span) if _stage_of(span) is not None else None
         if size is not None:
             weights[span.key] = 1.0 / size
 
@@ -217,7 +221,7 @@ def observations(index: _Index) -> list[Observation]:
             request = index.owner(span)
             if request is not None and request != span.key:
                 add(request, span, index.enclosing_stage(span, request, inclusive=False))
-            if _batch_size(span) is not None:
+            if batch_size(span) is not None:
                 for link in span.links:  # a batch span: its members
                     member = index.spans.get(link)
                     request = None if member is None else index.owner(member)
@@ -230,6 +234,29 @@ def observations(index: _Index) -> list[Observation]:
                 if request is not None and batch is not None:
                     add(request, batch, index.enclosing_stage(span, request, inclusive=False))
     return list(found.values())
+
+
+def _compressed_ns(span: SpanRecord) -> int | None:
+    """The calls' time of a compressed span (``inference.stage.calls`` > 1), else None."""
+    calls = span.attributes.get(semconv.STAGE_CALLS)
+    busy = span.attributes.get(semconv.INFERENCE_STAGE_CALLS_DURATION)
+    if isinstance(calls, int) and calls > 1 and isinstance(busy, (int, float)):
+        return max(0, min(round(busy * 1e9), span.duration_ns))
+    return None
+
+
+def spent_ns(spans: Iterable[SpanRecord], request: SpanRecord) -> int:
+    """What ``request`` spent in a stage, given its spans of the stage: the union of
+    the plain spans (clipped to the request) plus the compressed spans' calls' time,
+    as :func:`_summarise` counts a row's per-request value."""
+    plain, busy = [], 0
+    for span in spans:
+        compressed = _compressed_ns(span)
+        if compressed is None:
+            plain.append(clip((span.start_ns, span.end_ns), (request.start_ns, request.end_ns)))
+        else:
+            busy += compressed
+    return union_length(plain) + busy
 
 
 def order_key(stage: str) -> tuple[int, str]:
@@ -271,15 +298,17 @@ def build_report(
     cost_per_hour: float | None = None,
     exclude_cold_start: bool = False,
     source: str = "spans",
+    default_budgets: Mapping[str, float] | None = None,
 ) -> Report:
     """The per-stage report of ``spans`` (see the module docstring for the rules).
 
-    ``budgets``: stage -> seconds. ``cost_per_hour``: dollars per hour of the
+    Budgets (stage -> seconds): ``budgets`` (explicit, ``--budgets``) override
+    those the spans carry (``inference.budget``), which override
+    ``default_budgets`` (the report's own environment). ``cost_per_hour``: dollars per hour of the
     serving machine; a request's cost in a stage is its time there (its share,
     for batch-shared work) x ``cost_per_hour`` / 3600. Raises
     :class:`ReportError` when no span is a stage, or no request holds one.
     """
-    budgets = budgets or {}
     index = _Index(spans)
     stage_spans = [span for span in index.spans.values() if _stage_of(span) is not None]
     if not stage_spans:
@@ -297,6 +326,14 @@ def build_report(
             f"(it carries {semconv.INFERENCE_UNATTRIBUTED!r}) or a SERVER span with stages "
             "under it"
         )
+    budget_notes: list[str] = []
+    chosen = choose_budgets(
+        explicit=budgets,
+        telemetry=_span_budgets(index, budget_notes, {*(budgets or {}), *(default_budgets or {})}),
+        environment=default_budgets,
+        notes=budget_notes,
+    )
+    notes.extend(budget_notes)
     obs = observations(index)
     owned = {o.span.key for o in obs}
     outside = sum(1 for span in stage_spans if span.key not in owned)
@@ -323,7 +360,63 @@ def build_report(
             raise ReportError(
                 f"all {len(cold)} requests are cold starts: nothing is left without them"
             )
-    return _summarise(index, obs, budgets, cost_per_hour, source, notes)
+    report = _summarise(
+        index,
+        obs,
+        {stage: value for stage, (value, _) in chosen.items()},
+        cost_per_hour,
+        source,
+        notes,
+    )
+    _add_views(report, index, obs, chosen)
+    return report
+
+
+def _span_budgets(index: _Index, notes: list[str], given: set[str]) -> dict[str, float]:
+    """The budgets the spans carry (``inference.budget``, seconds): stage spans,
+    and ``request()`` spans for ``request``; notes on disagreement, and on spans
+    judged against a budget (``inference.budget.exceeded``) that do not say it."""
+    values: dict[str, list[float]] = defaultdict(list)
+    unsaid: set[str] = set()
+    for span in index.spans.values():
+        stage = _stage_of(span)
+        if stage is None and semconv.INFERENCE_UNATTRIBUTED in span.attributes:
+            stage = semconv.REQUEST
+        if stage is None:
+            continue
+        value = span.attributes.get(semconv.INFERENCE_BUDGET)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            values[stage].append(float(value))
+        elif semconv.INFERENCE_BUDGET_EXCEEDED in span.attributes:
+            unsaid.add(stage)
+    learnt, disagreements = learnt_budgets(values, what="span")
+    notes.extend(disagreements)
+    unsaid -= {*learnt, *given}
+    if unsaid:
+        notes.append(
+            f"spans of {', '.join(sorted(unsaid))} were judged against a budget "
+            f"({semconv.INFERENCE_BUDGET_EXCEEDED}) without carrying it "
+            f"({semconv.INFERENCE_BUDGET}): pass --budgets to see it"
+        )
+    return learnt
+
+
+def _add_views(
+    report: Report,
+    index: _Index,
+    obs: list[Observation],
+    budgets: Mapping[str, tuple[float, str]],
+) -> None:
+    """What the rows do not hold: where each budget came from, padding waste, the
+    timeline and the slowest requests' waterfalls."""
+    for row in report.rows:
+        if row.budget is not None and row.stage in budgets:
+            row.budget_source = budgets[row.stage][1]
+    rate = None if report.cost_per_hour is None else report.cost_per_hour / _SECONDS_PER_HOUR
+    unique = {o.span.key: o.span for o in obs}
+    report.padding = padding_summary(unique.values(), requests=report.requests, rate=rate)
+    report.timeline = stage_timeline(index.requests, obs)
+    report.slowest = slowest_requests(index, obs)
 
 
 def _summarise(
@@ -339,21 +432,38 @@ def _summarise(
     top_intervals: dict[SpanKey, dict[str, list[tuple[int, int]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    values: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    # Per stage and request: its spans of the stage (batch spans once per member).
+    spans_of: dict[tuple[str, str | None], dict[SpanKey, list[SpanRecord]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     work: dict[tuple[str, str | None], float] = defaultdict(float)  # weighted ns
     hits = misses = 0
     for o in obs:
         span = o.span
-        values[(o.stage, o.parent)].append(span.duration_ns)
-        work[(o.stage, o.parent)] += span.duration_ns * o.weight
-        if o.parent is None:
+        key = (o.stage, o.parent)
+        spans_of[key][o.request].append(span)
+        busy = _compressed_ns(span)
+        if busy is None:
             request = requests[o.request]
-            bounds = (request.start_ns, request.end_ns)
-            top_intervals[o.request][o.stage].append(clip((span.start_ns, span.end_ns), bounds))
+            interval = clip((span.start_ns, span.end_ns), (request.start_ns, request.end_ns))
+            work[key] += span.duration_ns * o.weight
+        else:
+            # For the tail's union: the calls' time, placed at the end of the span.
+            interval = (max(span.start_ns, span.end_ns - busy), span.end_ns)
+            work[key] += busy * o.weight
+        if o.parent is None:
+            top_intervals[o.request][o.stage].append(interval)
         h = span.attributes.get(semconv.CACHE_HITS)
         m = span.attributes.get(semconv.CACHE_MISSES)
         if isinstance(h, int) and isinstance(m, int):
             hits, misses = hits + h, misses + m
+
+    # A stage is what the request spent in it: one value per request (the union of
+    # its calls), as inference.stage.duration records it.
+    values: dict[tuple[str, str | None], list[int]] = {
+        key: [spent_ns(spans, requests[request]) for request, spans in by_request.items()]
+        for key, by_request in spans_of.items()
+    }
 
     unattributed: dict[SpanKey, int] = {}
     for key, request in requests.items():

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from otel_inference.report._http import base_url, get_json
-from otel_inference.report._model import ReportError, SpanRecord
+from otel_inference.report._model import ReportError, SpanEvent, SpanRecord
 
 _LOOKBACK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -83,7 +83,17 @@ def spans_of_trace(trace: Mapping[str, Any]) -> Iterator[SpanRecord]:
             attributes=tags,
             links=tuple(links),
             service=process.get("serviceName"),
+            events=tuple(_events(span.get("logs") or ())),
         )
+
+
+def _events(logs: Any) -> Iterator[SpanEvent]:
+    """Jaeger logs as span events: OTLP events are stored with their name as the
+    ``event`` field, microsecond timestamps."""
+    for log in logs:
+        fields = {field["key"]: _tag_value(field) for field in log.get("fields") or ()}
+        name = fields.pop("event", "")
+        yield SpanEvent(name=str(name), time_ns=int(log["timestamp"]) * 1000, attributes=fields)
 
 
 def parse_jaeger(payload: Any, *, where: str = "Jaeger") -> list[SpanRecord]:

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from otel_inference.report._model import ReportError, SpanRecord
+from otel_inference.report._model import ReportError, SpanEvent, SpanRecord
 
 _KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 
@@ -99,6 +99,14 @@ def spans_of_request(document: Mapping[str, Any]) -> Iterator[SpanRecord]:
                     attributes=attributes_of(span.get("attributes")),
                     links=tuple(link for link in links if None not in link),  # type: ignore[misc]
                     service=service if isinstance(service, str) else None,
+                    events=tuple(
+                        SpanEvent(
+                            name=str(event.get("name", "")),
+                            time_ns=int(_get(event, "timeUnixNano", "time_unix_nano") or 0),
+                            attributes=attributes_of(event.get("attributes")),
+                        )
+                        for event in span.get("events") or ()
+                    ),
                 )
 
 

@@ -27,14 +27,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from otel_inference import semconv
+from otel_inference.report._budgets import choose_budgets, learnt_budgets
 from otel_inference.report._http import base_url, get_json
-from otel_inference.report._model import Report, ReportError, StageRow
+from otel_inference.report._model import Padding, Report, ReportError, StageRow
 from otel_inference.report.analysis import order_key
 from otel_inference.report.generation import from_rows
+from otel_inference.report.padding import padding_from_counts
 from otel_inference.report.verdict import decide
 
 DURATION = "inference_stage_duration_seconds"
 BUDGET = "inference_stage_budget_seconds"
+TOKENS = "inference_tokens_total"
 DEFAULT_WINDOW = "5m"
 _WINDOW = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 _LABEL_VALUE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"')
@@ -74,18 +77,24 @@ class _Client:
         self.url = base_url(url, what="Prometheus")
         self.timeout = timeout
 
-    def query(self, promql: str) -> dict[tuple[str, str], float | None]:
+    def series(self, promql: str) -> list[tuple[Mapping[str, str], float | None]]:
+        """Every series of an instant query: (labels, value)."""
         body = get_json(
             f"{self.url}/api/v1/query", {"query": promql}, what="Prometheus", timeout=self.timeout
         )
         if not isinstance(body, Mapping) or body.get("status") != "success":
             error = body.get("error") if isinstance(body, Mapping) else None
             raise ReportError(f"Prometheus at {self.url} rejected a query: {error or body!r}")
+        return [
+            (item.get("metric", {}), _number(item.get("value")))
+            for item in body.get("data", {}).get("result", [])
+        ]
+
+    def query(self, promql: str) -> dict[tuple[str, str], float | None]:
         result: dict[tuple[str, str], float | None] = {}
-        for item in body.get("data", {}).get("result", []):
-            labels = item.get("metric", {})
+        for labels, value in self.series(promql):
             key = (labels.get("inference_stage", ""), labels.get("inference_stage_parent", ""))
-            result[key] = _number(item.get("value"))
+            result[key] = value
         return result
 
 
@@ -136,11 +145,23 @@ def prometheus_report(
         )
         for q in (0.5, 0.95, 0.99)
     }
-    gauge = client.query(f"max by (inference_stage) ({BUDGET}{sel})")
-    merged = dict(default_budgets or {})
-    merged.update({stage: value for (stage, _), value in gauge.items() if value is not None})
-    merged.update(budgets or {})
-    rows, generation = from_rows(_rows(counts, quantiles, merged))
+    # Every series of the gauge (one per process): disagreeing budgets are said.
+    gauge: dict[str, list[float]] = {}
+    for labels, value in client.series(f"{BUDGET}{sel}"):
+        if value is not None and value > 0:
+            gauge.setdefault(labels.get("inference_stage", ""), []).append(value)
+    learnt, budget_notes = learnt_budgets(gauge, what="series")
+    chosen = choose_budgets(
+        explicit=budgets, telemetry=learnt, environment=default_budgets, notes=budget_notes
+    )
+    notes.extend(budget_notes)
+    rows, generation = from_rows(
+        _rows(counts, quantiles, {stage: value for stage, (value, _) in chosen.items()})
+    )
+    for row in rows:
+        if row.budget is not None:
+            row.budget_source = chosen[row.stage][1]
+    padding = _padding(client, series, windowed, counts)
     request = next((r for r in rows if r.kind == "request"), None)
     where = f"Prometheus at {client.url}" + (f" ({sel})" if sel else "")
     where += f", last {window}" if windowed else ", since process start"
@@ -155,6 +176,28 @@ def prometheus_report(
             "share of tail and cost need spans (--spans or --jaeger); the verdict weighs p95s",
         ],
         generation=generation,
+        padding=padding,
+    )
+
+
+def _padding(
+    client: _Client,
+    series: Any,
+    windowed: bool,
+    counts: Mapping[tuple[str, str], float | None],
+) -> Padding | None:
+    """Real vs padding tokens from the ``inference_tokens_total`` counter."""
+    by_kind = {
+        labels.get("inference_token_kind"): value or 0.0
+        for labels, value in client.series(
+            f"sum by (inference_token_kind) ({series(TOKENS, windowed)})"
+        )
+    }
+    calls = sum(round(v or 0) for (stage, _), v in counts.items() if stage == semconv.TOKENIZE)
+    return padding_from_counts(
+        by_kind.get(semconv.TOKEN_KIND_REAL, 0.0),
+        by_kind.get(semconv.TOKEN_KIND_PADDING, 0.0),
+        calls,
     )
 
 

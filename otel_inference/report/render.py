@@ -19,10 +19,12 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from otel_inference.report._model import Report, StageRow
+from otel_inference.report._model import Padding, Report, StageRow
 from otel_inference.report.generation import generation_lines
 
-SCHEMA = "otel-inference-report/1"
+SCHEMA = "otel-inference-report/2"
+"""2: rows gain ``budget_source``; the report gains ``padding``, ``timeline`` and
+``slowest`` (see docs/report.md)."""
 
 
 def fmt_ms(seconds: float | None) -> str:
@@ -117,10 +119,34 @@ def render_table(report: Report) -> str:
         out.append(
             f"Cache: {fmt_share(report.cache_hit_ratio)} hits over {report.cache_lookups} lookups."
         )
+    out += padding_lines(report.padding)
     out.append("")
     out += [f"Note: {note}" for note in report.notes]
     out.append(f"Percentiles: {report.percentile_method}.")
     return "\n".join(out).rstrip() + "\n"
+
+
+def padding_lines(padding: Padding | None) -> list[str]:
+    """The padding line under the table (and its advice when the waste is large)."""
+    if padding is None:
+        return []
+    line = (
+        f"Padding: {padding.real_tokens:,} real of {padding.padded_tokens:,} token positions "
+        f"({padding.tokenize_calls} tokenize call(s)): {fmt_share(padding.waste)} padding"
+    )
+    if padding.forward_share is not None and padding.seconds_per_request is not None:
+        line += (
+            f"; about {fmt_share(padding.forward_share)} of the time of the model_forward "
+            f"calls they fed, {fmt_ms(padding.seconds_per_request)} ms per request"
+        )
+        if padding.cost_per_request is not None:
+            line += f", {fmt_dollars(padding.cost_per_request * PER_MILLION)} per 1M requests"
+    elif padding.forward_seconds is None:
+        line += "; no time share: it needs model_forward spans beside the tokenize spans"
+    lines = [line + "."]
+    if padding.advice:
+        lines.append("         " + padding.advice)
+    return lines
 
 
 def _heading(report: Report) -> str:

@@ -17,7 +17,7 @@ anything else (custom stages)              custom            that stage's code
 ``prefill`` (in ``generate``)              prefill           prompt caching, chunked prefill
 ``decode`` (in ``generate``)               decode            continuous batching, quantisation,
                                                              speculative decoding
-``model_forward``                          model             only then the model
+``model_forward``, ``batch``               model             only then the model
 =========================================  ================  ==========================================
 
 A top-level ``generate`` stage (LLM generation) is split between ``prefill``
@@ -53,6 +53,8 @@ CATEGORIES: dict[str, str] = {
     semconv.D2H_TRANSFER: "runtime",
     semconv.FEATURE_HYDRATION: "cache",
     semconv.MODEL_FORWARD: "model",
+    # The batcher's shared work: the batched model call (its nested rows say which part).
+    semconv.BATCH: "model",
     semconv.UNATTRIBUTED: "instrumentation",
     semconv.PARSE: "host",
     semconv.PREPROCESS: "host",
@@ -147,6 +149,13 @@ def _advice(category: str, stage: str, hit_ratio: float | None, lookups: int) ->
     return f"The custom stage {stage} dominates: start with its code."
 
 
+def _inside(rows: Sequence[StageRow], stage: str) -> str:
+    """The nested rows of ``stage`` (a batch's tokenize, model_forward...), slowest first."""
+    nested = [r for r in rows if r.parent == stage and r.p50 is not None]
+    nested.sort(key=lambda r: -(r.p50 or 0.0))
+    return ", ".join(f"{r.stage} {_ms(r.p50 or 0.0)}" for r in nested)
+
+
 def decide(
     rows: Sequence[StageRow],
     *,
@@ -191,6 +200,9 @@ def decide(
     if others:
         first += f"; with {', '.join(sorted(others))}: {_pct(by_category[category])}"
     second = _advice(category, stage, hit_ratio, lookups)
+    inside = _inside(rows, stage)
+    if inside:
+        second += f" Inside {stage} (p50): {inside}."
     gap = weights.get(semconv.UNATTRIBUTED, 0.0)
     if category != "instrumentation" and gap >= UNATTRIBUTED_NOTE:
         second += f" Also, {_pct(gap)} is unattributed: instrument that gap."

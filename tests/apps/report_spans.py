@@ -107,12 +107,15 @@ class SpanWriter:
         attributes: Mapping[str, Any] | None = None,
         name: str = "inference.request",
         kind: SpanKind = SpanKind.SERVER,
+        gc_pauses: Sequence[tuple[float, float]] = (),
     ) -> Span:
         """One request made of ``steps`` in sequence; returns its (ended) span.
 
         With ``declare_unattributed`` the span carries
         ``inference.unattributed.duration`` (the GAP steps), as ``request()`` does;
         otherwise the report must compute it (a web framework's SERVER span).
+        ``gc_pauses``: ``(end ms, duration ms)`` from the request's start, as
+        ``gc.pause`` events (the runtime instrumentor stamps them at the pause's end).
         """
         steps = [s if isinstance(s, Step) else Step(*s) for s in steps]
         total = sum(_ns(s.ms) for s in steps)
@@ -122,6 +125,12 @@ class SpanWriter:
         if declare_unattributed:
             attrs["inference.unattributed.duration"] = gaps / 1e9
         root = self.open_request(start, name=name, kind=kind, attributes=attrs)
+        for end_ms, pause_ms in gc_pauses:
+            root.add_event(
+                "gc.pause",
+                {"inference.gc.pause.duration": pause_ms / 1000, "cpython.gc.generation": 2},
+                timestamp=start + _ns(end_ms),
+            )
         at = start
         for step in steps:
             end = at + _ns(step.ms)
@@ -148,12 +157,14 @@ class SpanWriter:
         *,
         size: int | None = None,
         link_members: bool = True,
+        nested: Sequence[tuple[str, float, float, Mapping[str, Any]]] = (),
     ) -> list[Span]:
-        """Requests submitted together to one batched ``model_forward`` (the batcher's
-        spans): member i waits ``queue_ms[i]`` (``queue_wait``, share 1/size, linked to
+        """Requests submitted together to one ``batch`` (the batcher's spans): member i
+        waits ``queue_ms[i]`` (``queue_wait``, share 1/size, linked to
         the batch), then the ONE batch span (child of member 0, linked to every
-        member) runs ``forward_ms`` from the end of the longest wait; each member
-        then serializes for ``after_ms``. ``size`` > members: unsampled members."""
+        member) runs ``forward_ms`` from the end of the longest wait, with ``nested``
+        ``(stage, offset ms, ms, attributes)`` stages inside it (once per batch); each
+        member then serializes for ``after_ms``. ``size`` > members: unsampled members."""
         size = size or len(queue_ms)
         start = self._advance(_ns(max(queue_ms) + forward_ms + after_ms))
         # Members arrive at different times so that each one's wait ends when the batch starts.
@@ -161,16 +172,25 @@ class SpanWriter:
         members = [self.open_request(batch_start - _ns(q), attributes={}) for q in queue_ms]
         batch_end = batch_start + _ns(forward_ms)
         batch = self.tracer.start_span(
-            "model_forward",
+            "batch",
             context=trace.set_span_in_context(members[0]),
             start_time=batch_start,
             attributes={
-                "inference.stage": "model_forward",
+                "inference.stage": "batch",
                 "inference.batch.size": size,
                 "inference.batcher.name": "encoder",
             },
             links=[Link(m.get_span_context()) for m in members] if link_members else [],
         )
+        for child, offset, ms, attributes in nested:
+            child_start = batch_start + _ns(offset)
+            self.stage(
+                batch,
+                child,
+                child_start,
+                child_start + _ns(ms),
+                {"inference.stage.parent": "batch", **attributes},
+            )
         batch.end(end_time=batch_end)
         for member, q in zip(members, queue_ms, strict=True):
             self.stage(
@@ -266,7 +286,16 @@ def jaeger_payload(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
                 "startTime": span.start_time // 1000,
                 "duration": (span.end_time - span.start_time) // 1000,
                 "tags": tags,
-                "logs": [],
+                "logs": [
+                    {
+                        "timestamp": event.timestamp // 1000,
+                        "fields": [
+                            _tag("event", event.name),
+                            *(_tag(k, v) for k, v in (event.attributes or {}).items()),
+                        ],
+                    }
+                    for event in span.events
+                ],
                 "processID": "p1",
                 "warnings": None,
             }

@@ -9,16 +9,16 @@ opentelemetry-instrument from their entry points, with no setup code here:
 * tokenize: ``inference_tokenizers`` on a real ``tokenizers.Tokenizer`` (built in
   process, no download) with padding -> ``inference.tokens`` real/padding;
 * parse / serialize: ``inference_serializers`` on ``orjson`` -> ``inference.serialize.size``;
-* queue_wait and model_forward: ``otel_inference.batching.ThreadBatcher`` (concurrent
+* queue_wait and batch: ``otel_inference.batching.ThreadBatcher`` (concurrent
   clients, so real batches) -> ``inference.batch.size``, ``inference.stage.cost``.
 
 The public ``stage()`` API covers the rest (and ``generation()`` the generate,
 prefill and decode stages with the GenAI server metrics):
 
 * preprocess and postprocess: application code, no library to instrument;
-* h2d_transfer and d2h_transfer: no torch instrumentor exists yet, so they are
-  ``stage()`` blocks nested in model_forward, and ``inference.transfer.size`` is
-  recorded here by hand under its semconv name (replace with the torch instrumentor).
+* h2d_transfer, model_forward and d2h_transfer: ``stage()`` blocks nested in the
+  batch (no torch model here), and ``inference.transfer.size`` is recorded here by
+  hand under its semconv name.
 
 postprocess sleeps past its budget (the one breaching stage) and fails on every
 10th request (``error_type`` series). Prints ``ready`` once the first requests
@@ -63,11 +63,12 @@ cache.set("user:1", "premium")  # user:2 stays missing: one hit, one miss per re
 
 
 def forward(batch: list[list[int]]) -> list[int]:
-    """The batch's model_forward; transfers nested in it (stage() API: no torch instrumentor)."""
+    """The batch's work: transfers and the forward nested in it (stage() API: no torch model)."""
     with stage(semconv.H2D_TRANSFER):
         time.sleep(0.0005)
         transfer_size.record(64 * len(batch), {TRANSFER_DIRECTION: "h2d"})
-    time.sleep(0.005)  # well under the 60 ms model_forward budget of the live tests
+    with stage(semconv.MODEL_FORWARD):
+        time.sleep(0.005)  # well under the 60 ms model_forward budget of the live tests
     with stage(semconv.D2H_TRANSFER):
         time.sleep(0.0005)
         transfer_size.record(16 * len(batch), {TRANSFER_DIRECTION: "d2h"})
@@ -81,7 +82,7 @@ def handle(batcher: ThreadBatcher, index: int) -> bytes:
             text = body["text"].lower()
         cache.mget(["user:1", "user:2"])  # feature_hydration
         encoding = tokenizer.encode_batch([text, "lazy dog"])[0]  # tokenize, padded
-        score = batcher(encoding.ids, timeout=10)  # queue_wait + model_forward
+        score = batcher(encoding.ids, timeout=10)  # queue_wait + batch
         # generate (prefill, decode) + the GenAI metrics, through the generation() API
         with generation(prompt_tokens=len(encoding.ids), model="shipping-lm") as g:
             time.sleep(0.001)

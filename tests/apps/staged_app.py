@@ -6,6 +6,7 @@ its metrics until stdin closes.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -13,6 +14,21 @@ from otel_inference import request, stage
 
 REQUESTS = 100
 observed: dict[str, list[float]] = {"tokenize": [], "model_forward": []}
+
+# STAGED_APP_TOKENIZER=1: each request also runs a real padded tokenizer (recorded by
+# the tokenizers instrumentor): 6 real of 8 token positions, for the padding figures.
+tokenizer = None
+if os.environ.get("STAGED_APP_TOKENIZER") == "1":
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    words = ["the", "quick", "brown", "fox", "lazy", "dog"]
+    tokenizer = Tokenizer(
+        WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, "[UNK]")
+    )
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.enable_padding(pad_id=0, pad_token="[UNK]")
 
 
 def timed(name: str, seconds: float) -> None:
@@ -28,6 +44,8 @@ for index in range(REQUESTS):
         timed("tokenize", 0.020 if index % 10 == 9 else 0.001)
         # model_forward: always ~10 ms, under its 14 ms budget.
         timed("model_forward", 0.010)
+        if tokenizer is not None:
+            tokenizer.encode_batch(["the quick brown fox", "lazy dog"])
 
 print(json.dumps(observed), flush=True)
 sys.stdin.read()  # keep serving /metrics until the test closes stdin

@@ -10,7 +10,10 @@ generation-2 or long pauses, a ``gc.pause`` span event. It also (re)reads the
 cold-start window: the first ``OTEL_INFERENCE_COLD_START_REQUESTS`` requests are
 flagged ``inference.cold_start=true``. With ``OTEL_INFERENCE_GC_FREEZE=true``,
 ``gc.freeze()`` runs once the process is warm, so full collections stop
-rescanning a loaded model's objects.
+rescanning a loaded model's objects. It also makes each request of an ASGI
+service (contrib's ASGI middleware: FastAPI, Starlette) a request for stage
+accounting (:mod:`otel_inference.server_requests`): its stages are recorded once
+per request, with their call counts.
 
 Usage
 -----
@@ -45,6 +48,7 @@ from otel_inference.runtime import (
     gc_monitor,
     set_freeze_when_warm,
 )
+from otel_inference.server_requests import adopt_server_requests, release_server_requests
 from otel_inference.stages import StageRecorder
 
 
@@ -65,7 +69,9 @@ class RuntimeInstrumentor(InferenceInstrumentor):
         COLD_START.reset(cold_requests)
         set_freeze_when_warm(freeze)
         gc_monitor().start(threshold)
+        adopt_server_requests(recorder)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        release_server_requests()
         gc_monitor().stop()
         set_freeze_when_warm(False)

@@ -38,8 +38,8 @@ from otel_inference.stages import (
     StageContext,
     StageRecorder,
     StageScope,
+    current_frame,
     current_request,
-    current_stage,
     log_once,
 )
 
@@ -60,7 +60,7 @@ def create_instruments(meter: Meter) -> SerializeInstruments:
         size=meter.create_histogram(
             semconv.SERIALIZE_SIZE,
             unit="By",
-            description="Size of one serialised response payload",
+            description="Bytes a request serialised (one response; several calls summed)",
             explicit_bucket_boundaries_advisory=SIZE_BOUNDARIES,
         )
     )
@@ -127,19 +127,25 @@ class Target:
 
 
 def _should_record() -> bool:
-    return (
-        is_instrumentation_enabled()
-        and not _RECORDING.get()
-        and current_stage() is None
-        and _in_request()
-    )
+    """At the top level of a request (not inside another stage, nor our own recording)."""
+    if _RECORDING.get() or not is_instrumentation_enabled():
+        return False
+    frame = current_frame()
+    if frame is None:
+        return _in_request()
+    account, enclosing = frame
+    return enclosing is None and (account is not None or _in_request())
 
 
 def _record_size(recorder: StageRecorder, target: Target, size: int | None) -> None:
-    """``inference.serialize.size``: bytes out of a serialize stage."""
+    """``inference.serialize.size``: bytes out of serialize stages, per request (one
+    record for a request's 500 small dumps, as its stage is one record), or per call
+    outside a request."""
     if size is not None and target.is_serialize:
-        recorder.instruments(create_instruments).size.record(
-            size, {semconv.INFERENCE_SERIALIZE_FORMAT: target.format}
+        recorder.record_per_request(
+            recorder.instruments(create_instruments).size,
+            size,
+            {semconv.INFERENCE_SERIALIZE_FORMAT: target.format},
         )
 
 

@@ -1,0 +1,193 @@
+"""Per-request stage accounting: what a request spent in each stage, however many calls.
+
+Inside a request, every call of a stage (keyed by name and enclosing stage) adds
+its interval to a :class:`StageTally`; when the request ends the recorder records
+each tally ONCE: its time is the union of the call intervals (concurrent calls
+through ``asyncio.gather`` or threads are not double counted), beside the number
+of calls and whether one failed. A budget is judged on that per-request time.
+
+The tally also holds the stage's latest span, not yet ended (:class:`HeldSpan`):
+the next consecutive short, successful call of the same stage joins it instead of
+making a span of its own (span compression), and at the end of the request it
+carries the request's budget verdict for the stage.
+
+Usage (what :mod:`otel_inference.stages` does)::
+
+    tally = account.tally("feature_hydration", None, cold=False, context=ctx)
+    tally.add(start_ns, end_ns, error_type=None)
+    seconds = tally.time_ns() / 1e9     # at request end, once
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+MAX_UNSETTLED_INTERVALS = 4096
+_KEEP_INTERVALS = 64
+_SETTLE_LOCK = threading.Lock()
+
+
+def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint intervals covering the same points as ``intervals``."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def union_ns(intervals: list[tuple[int, int]], start_ns: int, end_ns: int) -> int:
+    """Length of the union of ``intervals``, clipped to ``[start_ns, end_ns]``."""
+    covered = 0
+    for lo, hi in merge_intervals(intervals):
+        lo, hi = max(lo, start_ns), min(hi, end_ns)
+        if hi > lo:
+            covered += hi - lo
+    return covered
+
+
+class IntervalUnion:
+    """The length of a union of intervals and how many were added, in bounded memory.
+
+    ``add`` is a lock-free ``list.append`` (atomic under the GIL), so threads of one
+    request may add at once. Past ``MAX_UNSETTLED_INTERVALS`` the older intervals are
+    settled into a total, under a lock, by the thread that crossed the limit; appends
+    racing with it are kept. Intervals that reach back into settled time are clipped
+    to start after it (exact for calls that end in order, give or take overlaps)."""
+
+    __slots__ = ("_kept", "_settled_calls", "intervals", "settled_end", "settled_ns")
+
+    def __init__(self) -> None:
+        self.intervals: list[tuple[int, int]] = []
+        self.settled_ns = 0
+        self.settled_end = -1
+        self._settled_calls = 0
+        self._kept = 0  # merged intervals left at the head of the list by the last settle
+
+    def add(self, start_ns: int, end_ns: int) -> None:
+        intervals = self.intervals
+        intervals.append((start_ns, end_ns))
+        if len(intervals) > MAX_UNSETTLED_INTERVALS:
+            self.settle()
+
+    def settle(self) -> None:
+        with _SETTLE_LOCK:
+            intervals = self.intervals
+            taken = len(intervals)
+            if taken <= MAX_UNSETTLED_INTERVALS:
+                return  # another thread settled them
+            merged = merge_intervals(self._clipped(intervals[:taken]))
+            settled, kept = merged[:-_KEEP_INTERVALS], merged[-_KEEP_INTERVALS:]
+            if settled:
+                self.settled_ns += sum(hi - lo for lo, hi in settled)
+                self.settled_end = settled[-1][1]
+            intervals[:taken] = kept  # one atomic slice assignment: later appends stay
+            self._settled_calls += taken - self._kept
+            self._kept = len(kept)
+
+    @property
+    def count(self) -> int:
+        """How many intervals were added (settling merges them, the count stays)."""
+        return self._settled_calls + len(self.intervals) - self._kept
+
+    def _clipped(self, intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        floor = self.settled_end
+        if floor < 0:
+            return intervals
+        return [(max(lo, floor), hi) for lo, hi in intervals if hi > floor]
+
+    def total_ns(self, start_ns: int | None = None, end_ns: int | None = None) -> int:
+        """The union's length; the unsettled part clipped to ``[start_ns, end_ns]``."""
+        intervals = self._clipped(self.intervals)
+        if not intervals:
+            return self.settled_ns
+        if start_ns is None and end_ns is None:
+            if len(intervals) == 1:
+                lo, hi = intervals[0]
+                return self.settled_ns + hi - lo
+            return self.settled_ns + sum(hi - lo for lo, hi in merge_intervals(intervals))
+        lo = min(i[0] for i in intervals) if start_ns is None else start_ns
+        hi = max(i[1] for i in intervals) if end_ns is None else end_ns
+        return self.settled_ns + union_ns(intervals, lo, hi)
+
+
+class HeldSpan:
+    """A stage span whose call has finished but that is not ended yet.
+
+    ``calls`` > 1 once later calls joined it (a compressed span). It is ended when
+    another span takes its place in the tally, or when the request ends."""
+
+    __slots__ = (
+        "busy_ns",
+        "calls",
+        "compressible",
+        "context",
+        "end_ns",
+        "end_wall_ns",
+        "seq",
+        "span",
+        "start_ns",
+    )
+
+    def __init__(
+        self,
+        span: Any,
+        start_ns: int,
+        end_ns: int,
+        end_wall_ns: int,
+        compressible: bool,
+        context: object,
+        seq: int,
+    ) -> None:
+        self.span = span
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.end_wall_ns = end_wall_ns
+        self.calls = 1
+        self.busy_ns = end_ns - start_ns  # the calls' summed time
+        # Later calls may join only while every call in it was short and successful,
+        # under the same parent context, with no other stage span opened since.
+        self.compressible = compressible
+        self.context = context
+        self.seq = seq
+
+    def join(self, start_ns: int, end_ns: int) -> None:
+        self.calls += 1
+        self.busy_ns += end_ns - start_ns
+        if end_ns > self.end_ns:
+            self.end_wall_ns += end_ns - self.end_ns
+            self.end_ns = end_ns
+
+
+class StageTally:
+    """One stage (name + enclosing stage) of one request: its calls so far."""
+
+    __slots__ = ("cold", "context", "error_type", "held", "name", "parent", "union")
+
+    def __init__(self, name: str, parent: str | None, cold: bool, context: Any = None) -> None:
+        self.name = name
+        self.parent = parent
+        self.cold = cold
+        # The first call's context: the exemplar of the request's record points there.
+        self.context = context
+        self.error_type: str | None = None
+        self.union = IntervalUnion()
+        self.held: HeldSpan | None = None
+
+    @property
+    def calls(self) -> int:
+        return self.union.count
+
+    def add(self, start_ns: int, end_ns: int, error_type: str | None) -> None:
+        self.union.add(start_ns, end_ns)
+        if error_type is not None and self.error_type is None:
+            self.error_type = error_type
+
+    def time_ns(self) -> int:
+        """The union of the calls' intervals: concurrent calls are not double counted."""
+        return self.union.total_ns()
