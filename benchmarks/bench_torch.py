@@ -60,8 +60,9 @@ class Cases:
         self.tracer = self.tracer_provider.get_tracer("bench")
 
     @contextmanager
-    def setup(self, mode: str) -> Iterator[None]:
-        """mode: bare | hook (global forward pre-hook) | unsampled | sampled"""
+    def setup(self, mode: str, **options: object) -> Iterator[None]:
+        """mode: bare | hook (global forward pre-hook) | unsampled | sampled;
+        ``options`` go to ``instrument()``"""
         handle = None
         instrumentor = None
         if mode == "hook":
@@ -69,7 +70,9 @@ class Cases:
         elif mode in ("unsampled", "sampled"):
             instrumentor = TorchInstrumentor()
             instrumentor.instrument(
-                tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
+                tracer_provider=self.tracer_provider,
+                meter_provider=self.meter_provider,
+                **options,
             )
         try:
             if mode == "sampled":
@@ -84,12 +87,12 @@ class Cases:
             if instrumentor is not None:
                 instrumentor.uninstrument()
 
-    def case(self, mode: str, op: Callable[[], object]) -> Callable[[int], int]:
+    def case(self, mode: str, op: Callable[[], object], **options: object) -> Callable[[int], int]:
         """``run(n)`` returns the CPU ns of the ``n`` operations only: instrumenting
         and uninstrumenting around them is not timed."""
 
         def run(n: int) -> int:
-            with self.setup(mode):
+            with self.setup(mode, **options):
                 start = time.thread_time_ns()
                 for _ in range(n):
                     op()

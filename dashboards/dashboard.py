@@ -373,6 +373,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
             ],
         ),
         ("Event loop", _event_loop_panels()),
+        _generation_row(),
         (
             "Cost",
             [
@@ -396,6 +397,93 @@ def rows() -> list[tuple[str, list[Panel]]]:
             ],
         ),
     ]
+
+
+def _generation_row() -> tuple[str, list[Panel]]:
+    """TTFT and TPOT percentiles (GenAI semconv histograms) against their budgets
+    (the ``ttft`` / ``tpot`` pseudo-stages of the budget gauge), output tokens/s, and
+    the prefill / decode stages they come from."""
+
+    def percentiles(histogram: str) -> list[Target]:
+        return [
+            Target(
+                promql.quantile(q, histogram, promql.GEN_AI_MODEL, (SVC,), RATE),
+                f"{{{{{promql.GEN_AI_MODEL}}}}} p{round(q * 100)}",
+                exemplar=True,
+            )
+            for q in (0.5, 0.95, 0.99)
+        ]
+
+    def budget(stage: str) -> Target:
+        matchers = promql.selector(SVC, f'{promql.STAGE}="{stage}"')
+        return Target(f"max ({promql.BUDGET}{matchers})", "budget")
+
+    phases = f'{promql.STAGE}=~"{promql.PREFILL}|{promql.DECODE}"'
+    output = f'{promql.GEN_AI_TOKEN_TYPE}="output"'
+    return (
+        "Generation",
+        [
+            Panel(
+                "Time to first token",
+                [*percentiles(promql.TTFT), budget(promql.TTFT_STAGE)],
+                unit="s",
+                width=8,
+                description=(
+                    "gen_ai.server.time_to_first_token: from the request's start (queue "
+                    "included) to the first output token; dashed: the ttft budget."
+                ),
+                overrides=[_budget_line_override()],
+            ),
+            Panel(
+                "Time per output token",
+                [*percentiles(promql.TPOT), budget(promql.TPOT_STAGE)],
+                unit="s",
+                width=8,
+                description=(
+                    "gen_ai.server.time_per_output_token: decode time over the tokens after "
+                    "the first; dashed: the tpot budget."
+                ),
+                overrides=[_budget_line_override()],
+            ),
+            Panel(
+                "Output tokens / s",
+                [
+                    Target(
+                        _sum_rate(promql.TOKEN_USAGE + "_sum", output, by=promql.GEN_AI_MODEL),
+                        f"{{{{{promql.GEN_AI_MODEL}}}}}",
+                    )
+                ],
+                unit="short",
+                width=8,
+                description="Generated tokens per second (gen_ai.client.token.usage, output).",
+            ),
+            Panel(
+                "Prefill and decode p95",
+                [
+                    Target(
+                        promql.quantile(0.95, promql.DURATION, promql.STAGE, (SVC, phases), RATE),
+                        f"{{{{{promql.STAGE}}}}} p95",
+                        exemplar=True,
+                    )
+                ],
+                unit="s",
+                description="The two phases of generate, each recorded once per request.",
+            ),
+            Panel(
+                "Input and output tokens per request (mean)",
+                [
+                    Target(
+                        _ratio(
+                            _sum_rate(promql.TOKEN_USAGE + "_sum", by=promql.GEN_AI_TOKEN_TYPE),
+                            _sum_rate(promql.TOKEN_USAGE + "_count", by=promql.GEN_AI_TOKEN_TYPE),
+                        ),
+                        f"{{{{{promql.GEN_AI_TOKEN_TYPE}}}}}",
+                    )
+                ],
+                unit="short",
+            ),
+        ],
+    )
 
 
 def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:

@@ -37,6 +37,10 @@ BATCH_FILL_RATIO = metric(semconv.BATCH_FILL_RATIO)  # histogram, unit 1
 SERIALIZE_SIZE = metric(semconv.SERIALIZE_SIZE, "bytes")  # histogram
 EVENT_LOOP_DELAY = metric(semconv.EVENT_LOOP_DELAY, "seconds")  # histogram
 EVENT_LOOP_BLOCKED = metric(semconv.EVENT_LOOP_BLOCKED, "seconds_total")  # counter
+# Generation: the GenAI semantic conventions' server histograms.
+TTFT = metric(semconv.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, "seconds")
+TPOT = metric(semconv.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, "seconds")
+TOKEN_USAGE = metric(semconv.GEN_AI_CLIENT_TOKEN_USAGE)  # histogram, unit {token}: no suffix
 
 # Labels.
 STAGE = label(semconv.INFERENCE_STAGE)
@@ -46,6 +50,8 @@ COLD_START = label(semconv.INFERENCE_COLD_START)
 CACHE_RESULT = label(semconv.CACHE_RESULT)
 TOKEN_KIND = label(semconv.INFERENCE_TOKEN_KIND)
 BLOCKED_KIND = label(semconv.INFERENCE_EVENT_LOOP_BLOCKED_KIND)
+GEN_AI_TOKEN_TYPE = label(semconv.GEN_AI_TOKEN_TYPE)
+GEN_AI_MODEL = label(semconv.GEN_AI_REQUEST_MODEL)
 # The torch instrumentor's direction attribute (h2d | d2h); no semconv constant yet.
 TRANSFER_DIRECTION = label("inference.transfer.direction")
 # The service: `job` is what both a direct scrape (scrape config) and the Collector's
@@ -56,6 +62,10 @@ SERVICE = "job"
 TOP_LEVEL = f'{PARENT}=""'
 REQUEST = semconv.REQUEST
 QUEUE_WAIT = semconv.QUEUE_WAIT
+PREFILL = semconv.PREFILL
+DECODE = semconv.DECODE
+TTFT_STAGE = semconv.TTFT  # budget pseudo-stages
+TPOT_STAGE = semconv.TPOT
 
 # The p95-vs-budget alert and the breach-ratio alert say the same thing: more than
 # 5% of requests over budget is exactly a p95 over budget.

@@ -164,10 +164,23 @@ def http_ok(url: str) -> bool:
 
 
 def service_env(out: Path, redis_port: int, metrics_port: int) -> dict[str, str]:
+    """The embedding service's environment (see :func:`instrumented_env`)."""
+    return instrumented_env(
+        out,
+        metrics_port,
+        "embedding-service",
+        BUDGETS,
+        EMBEDDING_REDIS_URL=f"redis://{LOCALHOST}:{redis_port}/0",
+    )
+
+
+def instrumented_env(
+    out: Path, metrics_port: int, service: str, budgets: str, **extra: str
+) -> dict[str, str]:
     """The embedded defaults: spans to a local file, metrics on a scrape endpoint."""
     return {
         **os.environ,
-        "OTEL_SERVICE_NAME": "embedding-service",
+        "OTEL_SERVICE_NAME": service,
         "OTEL_TRACES_EXPORTER": "none",  # the span file is the destination
         "OTEL_INFERENCE_SPANS_FILE": str(out / "spans.jsonl"),
         # Every request is traced: a burst makes ~10 spans a request, more than the
@@ -178,13 +191,13 @@ def service_env(out: Path, redis_port: int, metrics_port: int) -> dict[str, str]
         "OTEL_EXPORTER_PROMETHEUS_HOST": LOCALHOST,
         "OTEL_EXPORTER_PROMETHEUS_PORT": str(metrics_port),
         "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_INFERENCE_BUDGETS": BUDGETS,
+        "OTEL_INFERENCE_BUDGETS": budgets,
         # Warm-up stages outside any request: histograms only, no orphan spans.
         "OTEL_INFERENCE_ROOT_STAGES": "metrics",
         "OTEL_PYTHON_FASTAPI_EXCLUDED_URLS": "healthz",
-        "EMBEDDING_REDIS_URL": f"redis://{LOCALHOST}:{redis_port}/0",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+        **extra,
     }
 
 
@@ -332,32 +345,14 @@ def run(args: argparse.Namespace) -> int:
 
         port, metrics_port = free_port(), free_port()
         log_path = out / "service.log"
-        with log_path.open("wb") as log:
-            service = processes.start(
-                "service",
-                [
-                    str(VENV_BIN / "opentelemetry-instrument"),
-                    sys.executable,
-                    "-m",
-                    "examples.embedding_service.app",
-                    "--port",
-                    str(port),
-                ],
-                cwd=ROOT,
-                env=service_env(out, redis_port, metrics_port),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        say(f"embedding service starting under opentelemetry-instrument (log: {log_path})")
-
-        def ready() -> bool:
-            if service.poll() is not None:
-                raise DemoError(
-                    f"the service exited ({service.returncode}):\n{log_path.read_text()[-3000:]}"
-                )
-            return http_ok(f"http://{LOCALHOST}:{port}/healthz")
-
-        wait_until(ready, args.startup_timeout, "the service to load the model")
+        service = start_service(
+            processes,
+            "examples.embedding_service.app",
+            port,
+            service_env(out, redis_port, metrics_port),
+            log_path,
+            args.startup_timeout,
+        )
         say(f"service ready on http://{LOCALHOST}:{port} (metrics :{metrics_port}/metrics)")
 
         load = subprocess.run(
@@ -399,6 +394,45 @@ def run(args: argparse.Namespace) -> int:
         return status
     finally:
         processes.stop_all()
+
+
+def start_service(
+    processes: Processes,
+    module: str,
+    port: int,
+    env: dict[str, str],
+    log_path: Path,
+    startup_timeout: float,
+) -> subprocess.Popen[bytes]:
+    """``python -m module --port port`` under ``opentelemetry-instrument``, output to
+    ``log_path``; returns once its ``/healthz`` answers (DemoError if it exits first)."""
+    with log_path.open("wb") as log:
+        service = processes.start(
+            "service",
+            [
+                str(VENV_BIN / "opentelemetry-instrument"),
+                sys.executable,
+                "-m",
+                module,
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    say(f"{module} starting under opentelemetry-instrument (log: {log_path})")
+
+    def ready() -> bool:
+        if service.poll() is not None:
+            raise DemoError(
+                f"the service exited ({service.returncode}):\n{log_path.read_text()[-3000:]}"
+            )
+        return http_ok(f"http://{LOCALHOST}:{port}/healthz")
+
+    wait_until(ready, startup_timeout, "the service to load the model")
+    return service
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:

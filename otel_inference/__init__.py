@@ -9,9 +9,21 @@ measured with no code change. Custom stages and request boundaries use the API::
     with request():
         with stage("camera_ingest"):
             frame = camera.read()
+
+A decoding loop of your own (transformers ``generate()`` needs no code)::
+
+    from otel_inference import generation
+
+    with generation(prompt_tokens=len(ids), model="my-llm") as g:
+        token = sample(model.prefill(ids))
+        g.first_token()
+        while token != eos:
+            token = sample(model.step(token))
+            g.tokens(1)
 """
 
 from otel_inference.config import ConfigurationError
+from otel_inference.genai import GenerationScope, generation
 from otel_inference.stages import (
     RequestAccount,
     StageRecorder,
@@ -26,12 +38,14 @@ from otel_inference.version import __version__
 
 __all__ = [
     "ConfigurationError",
+    "GenerationScope",
     "RequestAccount",
     "StageRecorder",
     "__version__",
     "configure",
     "current_request",
     "current_stage",
+    "generation",
     "get_recorder",
     "request",
     "stage",

@@ -57,6 +57,11 @@ MODEL_FORWARD = "model_forward"
 D2H_TRANSFER = "d2h_transfer"
 POSTPROCESS = "postprocess"
 SERIALIZE = "serialize"
+# Generation (LLM decoding): generate holds prefill (prompt -> first token) and
+# decode (first token -> last), each recorded once per generation.
+GENERATE = "generate"
+PREFILL = "prefill"
+DECODE = "decode"
 STAGES = (
     QUEUE_WAIT,
     FEATURE_HYDRATION,
@@ -64,6 +69,9 @@ STAGES = (
     TOKENIZE,
     H2D_TRANSFER,
     MODEL_FORWARD,
+    GENERATE,
+    PREFILL,
+    DECODE,
     D2H_TRANSFER,
     POSTPROCESS,
     SERIALIZE,
@@ -127,3 +135,25 @@ INFERENCE_EVENT_LOOP_BLOCKED_KIND = (
 )
 INFERENCE_EVENT_LOOP_BLOCKED_CULPRIT = "inference.event_loop.blocked.culprit"
 INFERENCE_STAGE_CPU = "inference.stage.cpu.duration"  # s on CPU (thread clock), sync stages
+# Generation. Pseudo-stages of inference.stage.duration (no span, nested in
+# generate) that budgets judge: time to first token and time per output token.
+TTFT = "ttft"
+TPOT = "tpot"
+GENERATION_STAGES = (GENERATE, PREFILL, DECODE)
+# OpenTelemetry GenAI semantic conventions (server metrics and their attributes).
+GEN_AI_SERVER_TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"
+GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
+GEN_AI_SERVER_REQUEST_DURATION = "gen_ai.server.request.duration"
+GEN_AI_CLIENT_TOKEN_USAGE = "gen_ai.client.token.usage"
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"  # input | output
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"  # span attributes
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+# Span attributes of our generation stages.
+INFERENCE_GENERATION_TTFT = "inference.generation.time_to_first_token"  # generate span, s
+INFERENCE_GENERATION_TPOT = "inference.generation.time_per_output_token"  # generate span, s
+INFERENCE_GENERATION_DECODE_STEPS = "inference.generation.decode.steps"  # decode span
+INFERENCE_GENERATION_STREAMER = "inference.generation.streamer"  # generate span: bool
+INFERENCE_GENERATION_STRATEGY = "inference.generation.strategy"  # greedy | sample | beam

@@ -35,7 +35,7 @@ APP = Path(__file__).resolve().parent / "apps" / "shipping_app.py"
 SERVICE = "shipping-app"  # the `job` label, as the Collector's exporter would set it
 BREACHING = "postprocess"
 # Non-breaching stages get a wide margin: their sleeps overshoot on a loaded machine.
-BUDGETS = "postprocess=1ms,model_forward=60ms,request=2s"
+BUDGETS = "postprocess=1ms,model_forward=60ms,request=2s,ttft=2s,tpot=1s"
 VARIABLES = {
     "service": SERVICE,
     "stage": ".*",  # All
@@ -131,6 +131,9 @@ def test_dashboard_has_the_issue_panels():
         "queue wait",
         "budget",
         "cost per 1k requests by stage",
+        "time to first token",
+        "time per output token",
+        "output tokens / s",
     ):
         assert wanted in titles, wanted
 

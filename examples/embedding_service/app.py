@@ -27,12 +27,9 @@ Settings (environment): ``EMBEDDING_REDIS_URL`` (default ``redis://127.0.0.1:637
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -47,13 +44,13 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 import torch
-import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 from redis.exceptions import RedisError
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from examples.embedding_service.features import UserFeatures, user_key
+from examples.serving import serve
 from otel_inference.batching import AsyncBatcher
 
 logger = logging.getLogger("embedding_service")
@@ -234,24 +231,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="all-MiniLM-L6-v2 embedding service")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logger.setLevel(logging.INFO)
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with the
-    # default handler the process would die there, skipping atexit hooks (buffered
-    # logs, telemetry exporters). Exit normally instead.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn already shut down
-        uvicorn.run(
-            create_app(), host=args.host, port=args.port, log_level="warning", access_log=False
-        )
-
-
-def _exit_cleanly(signum: int, _frame: object) -> None:
-    raise SystemExit(0)
+    serve(
+        create_app,
+        "all-MiniLM-L6-v2 embedding service",
+        default_port=8000,
+        logger=logger,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

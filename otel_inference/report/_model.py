@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from otel_inference.report.generation import GenerationSummary
 
 SpanKey = tuple[str, str]
 """``(trace id, span id)``, lowercase hex as the source wrote them."""
@@ -120,9 +123,9 @@ class LoopCulprit:
 class Verdict:
     """Where the tail's time goes and what to change first.
 
-    ``category`` is one of ``event_loop``, ``configuration``, ``runtime``,
-    ``cache``, ``model``, ``host``, ``downstream``, ``instrumentation``,
-    ``custom`` or ``none``.
+    ``category`` is one of ``event_loop``, ``configuration`` (queue-bound), ``runtime``,
+    ``cache``, ``model``, ``host``, ``downstream``, ``instrumentation``, ``prefill``
+    (prefill-bound), ``decode`` (decode-bound), ``custom`` or ``none``.
     """
 
     stage: str | None
@@ -156,6 +159,8 @@ class Report:
     timeline: Timeline | None = None
     slowest: list[RequestWaterfall] = field(default_factory=list)
     event_loop_culprits: list[LoopCulprit] = field(default_factory=list)
+    # TTFT / TPOT / tokens per second when requests generated (report.generation)
+    generation: GenerationSummary | None = None
 
     def row(self, stage: str, parent: str | None = None) -> StageRow:
         """The row of ``stage`` (nested rows: give ``parent``); ``KeyError`` if absent."""

@@ -56,6 +56,7 @@ from otel_inference.report._stats import (
     nearest_rank,
     union_length,
 )
+from otel_inference.report.generation import summarise_spans
 from otel_inference.report.padding import padding_summary
 from otel_inference.report.timeline import slowest_requests, stage_timeline
 from otel_inference.report.verdict import decide
@@ -554,6 +555,7 @@ def _summarise(
         cache_lookups=hits + misses,
         notes=notes,
         event_loop_culprits=[] if loop is None else loop.culprits,
+        generation=summarise_spans(requests, ((o.request, o.stage, o.span) for o in obs), budgets),
     )
 
 

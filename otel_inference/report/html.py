@@ -21,6 +21,7 @@ from __future__ import annotations
 from html import escape
 
 from otel_inference.report._model import Report, StageRow
+from otel_inference.report.generation import generation_html
 from otel_inference.report.render import (
     COST_HEADER,
     fmt_dollars,
@@ -216,6 +217,7 @@ def render_html(report: Report) -> str:
         f"<h2>Stages</h2>{_table(report)}"
         f"{_padding_section(report)}{_timeline_chart(report, all_colours)}"
         f"{_waterfalls(report, all_colours)}"
+        f"{generation_html(report)}"
         f'<div class="notes">{"".join(f"<p>{escape(n)}</p>" for n in notes)}</div>'
         "</body></html>\n"
     )

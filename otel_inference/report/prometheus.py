@@ -31,6 +31,7 @@ from otel_inference.report._budgets import choose_budgets, learnt_budgets
 from otel_inference.report._http import base_url, get_json
 from otel_inference.report._model import Padding, Report, ReportError, StageRow
 from otel_inference.report.analysis import order_key
+from otel_inference.report.generation import from_rows
 from otel_inference.report.padding import padding_from_counts
 from otel_inference.report.verdict import decide
 
@@ -154,7 +155,9 @@ def prometheus_report(
         explicit=budgets, telemetry=learnt, environment=default_budgets, notes=budget_notes
     )
     notes.extend(budget_notes)
-    rows = _rows(counts, quantiles, {stage: value for stage, (value, _) in chosen.items()})
+    rows, generation = from_rows(
+        _rows(counts, quantiles, {stage: value for stage, (value, _) in chosen.items()})
+    )
     for row in rows:
         if row.budget is not None:
             row.budget_source = chosen[row.stage][1]
@@ -172,6 +175,7 @@ def prometheus_report(
             *notes,
             "share of tail and cost need spans (--spans or --jaeger); the verdict weighs p95s",
         ],
+        generation=generation,
         padding=padding,
     )
 

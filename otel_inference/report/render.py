@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 from otel_inference.report._model import Padding, Report, StageRow
+from otel_inference.report.generation import generation_lines
 
 SCHEMA = "otel-inference-report/2"
 """2: rows gain ``budget_source``; the report gains ``padding``, ``timeline`` and
@@ -115,6 +116,8 @@ def render_table(report: Report) -> str:
         if row.kind == "request":
             out.append(rule)
         out.append(line(cells))
+    if report.generation is not None:
+        out += ["", *generation_lines(report)]
     out += ["", "Verdict: " + report.verdict.lines[0]]
     out += ["         " + text for text in report.verdict.lines[1:]]
     out += _event_loop_lines(report)

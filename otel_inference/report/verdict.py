@@ -16,8 +16,16 @@ dominant stage(s) of the tail              category          first fix
 ``postprocess``, ``serialize``
 ``downstream``                             downstream        the called service
 anything else (custom stages)              custom            that stage's code
+``prefill`` (in ``generate``)              prefill           prompt caching, chunked prefill
+``decode`` (in ``generate``)               decode            continuous batching, quantisation,
+                                                             speculative decoding
 ``model_forward``, ``batch``               model             only then the model
 =========================================  ================  ==========================================
+
+A top-level ``generate`` stage (LLM generation) is split between ``prefill``
+and ``decode`` in proportion to their nested rows' mean time, so a slow first
+token (prefill-bound) and slow tokens after it (decode-bound) get their own
+advice; queueing before the model stays ``configuration`` (queue-bound).
 
 Each top-level stage (and ``unattributed``, and ``event_loop``: the time the
 event loop was held, already taken out of the stages) has a weight: its share of tail
@@ -58,6 +66,8 @@ CATEGORIES: dict[str, str] = {
     semconv.SERIALIZE: "host",
     "downstream": "downstream",
     semconv.EVENT_LOOP: "event_loop",
+    semconv.PREFILL: "prefill",
+    semconv.DECODE: "decode",
 }
 _PRECEDENCE = (
     "event_loop",
@@ -67,6 +77,8 @@ _PRECEDENCE = (
     "instrumentation",
     "host",
     "downstream",
+    "prefill",
+    "decode",
     "custom",
     "model",
 )
@@ -125,6 +137,18 @@ def _advice(category: str, stage: str, hit_ratio: float | None, lookups: int) ->
         )
     if category == "downstream":
         return "A downstream call: look at the called service, its timeouts and caching."
+    if category == "prefill":
+        return (
+            "Prefill-bound: the prompt's forward pass holds back the first token; shorten or "
+            "cache prompts (prefix/prompt caching), use chunked prefill so long prompts do not "
+            "stall the others, and check the prompt lengths before the model."
+        )
+    if category == "decode":
+        return (
+            "Decode-bound: the steps after the first token dominate; batch decoding across "
+            "requests (continuous batching), quantise the weights read at every step, try "
+            "speculative decoding, and cap max_new_tokens."
+        )
     if category == "model":
         return (
             "Only now the model: the forward pass itself dominates; consider a smaller or "
@@ -205,6 +229,7 @@ def decide(
             for row in rows:
                 if row.kind in _WEIGHED_KINDS and row.p95 is not None:
                     weights[row.stage] = row.p95 / end_to_end.p95
+    _split_generation(weights, rows, basis)
     if not weights or max(weights.values()) <= 0:
         return Verdict(None, "none", None, ("No stage time to judge: no verdict.",))
     by_category: dict[str, float] = defaultdict(float)
@@ -241,3 +266,23 @@ def decide(
     if category != "instrumentation" and gap >= UNATTRIBUTED_NOTE:
         second += f" Also, {_pct(gap)} is unattributed: instrument that gap."
     return Verdict(stage, category, share, (first + ".", second))
+
+
+def _split_generation(weights: dict[str, float], rows: Sequence[StageRow], basis: str) -> None:
+    """Replace a top-level ``generate`` weight by ``prefill`` and ``decode`` weights in
+    proportion to their nested rows (mean time from spans, p95 from Prometheus)."""
+    weight = weights.get(semconv.GENERATE)
+    if weight is None:
+        return
+    parts: dict[str, float] = {}
+    for row in rows:
+        if row.parent == semconv.GENERATE and row.stage in (semconv.PREFILL, semconv.DECODE):
+            value = row.mean if basis == "tail" and row.mean is not None else row.p95
+            if value:
+                parts[row.stage] = value
+    total = sum(parts.values())
+    if total <= 0:
+        return
+    del weights[semconv.GENERATE]
+    for stage, value in parts.items():
+        weights[stage] = weight * value / total

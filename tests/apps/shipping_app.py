@@ -12,7 +12,8 @@ opentelemetry-instrument from their entry points, with no setup code here:
 * queue_wait and batch: ``otel_inference.batching.ThreadBatcher`` (concurrent
   clients, so real batches) -> ``inference.batch.size``, ``inference.stage.cost``.
 
-The public ``stage()`` API covers the rest:
+The public ``stage()`` API covers the rest (and ``generation()`` the generate,
+prefill and decode stages with the GenAI server metrics):
 
 * preprocess and postprocess: application code, no library to instrument;
 * h2d_transfer, model_forward and d2h_transfer: ``stage()`` blocks nested in the
@@ -44,7 +45,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
-from otel_inference import request, semconv, stage
+from otel_inference import generation, request, semconv, stage
 from otel_inference.batching import ThreadBatcher
 
 CLIENTS = 3
@@ -87,6 +88,13 @@ def handle(batcher: ThreadBatcher, index: int) -> bytes:
         cache.mget(["user:1", "user:2"])  # feature_hydration
         encoding = tokenizer.encode_batch([text, "lazy dog"])[0]  # tokenize, padded
         score = batcher(encoding.ids, timeout=10)  # queue_wait + batch
+        # generate (prefill, decode) + the GenAI metrics, through the generation() API
+        with generation(prompt_tokens=len(encoding.ids), model="shipping-lm") as g:
+            time.sleep(0.001)
+            g.first_token()
+            for _ in range(3):
+                time.sleep(0.0005)
+                g.tokens(1)
         with stage(semconv.POSTPROCESS):
             time.sleep(POSTPROCESS_SECONDS)  # over its budget: the breaching stage
             if index % 10 == 9:

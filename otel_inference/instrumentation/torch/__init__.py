@@ -27,6 +27,14 @@ histogram (``inference.transfer.direction`` = ``h2d`` | ``d2h``) for every one.
 Dtype casts and same-device calls take a fast path. Moving or loading a model
 (``module.to``, ``load_state_dict``) records nothing.
 
+transformers ``generate()`` (:envvar:`OTEL_INFERENCE_TORCH_GENERATE`, on by
+default): one ``generate`` stage holding ``prefill`` (to the first token) and
+``decode`` (the rest), each recorded once per call with the step count on the
+``decode`` span, plus the GenAI server metrics (time to first token, time per
+output token, request duration, token usage); the forwards and copies inside it
+are not stages of their own. See :mod:`otel_inference.genai` and
+``docs/generation.md``.
+
 Sampled kernel profile (:envvar:`OTEL_INFERENCE_TORCH_PROFILE_EVERY`, off by
 default): every Nth sampled forward runs under ``torch.profiler`` and its span
 gets kernel (or CPU op) time, idle gaps, memcpy time and the top ops.
@@ -54,7 +62,8 @@ Options (``instrument()`` arguments win over the environment): ``cuda_timing``
 (:envvar:`OTEL_INFERENCE_CUDA_TIMING`), ``profile_every``
 (:envvar:`OTEL_INFERENCE_TORCH_PROFILE_EVERY`), ``forward_depth``
 (:envvar:`OTEL_INFERENCE_TORCH_FORWARD_DEPTH`), ``transfers``
-(:envvar:`OTEL_INFERENCE_TORCH_TRANSFERS`), ``max_pending`` (bound of the
+(:envvar:`OTEL_INFERENCE_TORCH_TRANSFERS`), ``generate``
+(:envvar:`OTEL_INFERENCE_TORCH_GENERATE`), ``max_pending`` (bound of the
 events queue, default 1024), ``tracer_provider``, ``meter_provider``. A
 malformed value raises :class:`~otel_inference.ConfigurationError` naming the
 variable. Instrumenting does not import torch: the wrappers are installed when
@@ -95,6 +104,7 @@ class TorchInstrumentor(InferenceInstrumentor):
             forward_depth=kwargs.get("forward_depth"),
             transfers=kwargs.get("transfers"),
             max_pending=kwargs.get("max_pending"),
+            generate=kwargs.get("generate"),
         )
         timer = kwargs.get("timer")  # tests: a CudaTimer on a fake backend
         patches = self._patches = Patches("torch")
@@ -107,6 +117,11 @@ class TorchInstrumentor(InferenceInstrumentor):
             self._tracker = tracker
 
         patches.when_imported("torch", apply)
+        if settings.generate:
+            patches.when_imported(
+                "transformers.generation.utils",
+                lambda module: _wrap_generate(patches, module, recorder),
+            )
 
     @property
     def tracker(self) -> Any:
@@ -120,3 +135,15 @@ class TorchInstrumentor(InferenceInstrumentor):
         tracker, self._tracker = self._tracker, None
         if tracker is not None:
             tracker.uninstall()
+
+
+def _wrap_generate(patches: Patches, module: Any, recorder: StageRecorder) -> None:
+    from otel_inference.instrumentation.torch._generate import (
+        make_generate_wrapper,
+        make_prefill_wrapper,
+    )
+    from otel_inference.instrumentation.torch._wrappers import _GENERATING, _QUIET, _state
+
+    mixin = module.GenerationMixin
+    patches.wrap(mixin, "generate", make_generate_wrapper(recorder, _state, _GENERATING, _QUIET))
+    patches.wrap(mixin, "_prefill", make_prefill_wrapper(_state, _GENERATING))

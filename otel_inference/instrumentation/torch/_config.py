@@ -13,6 +13,7 @@ from otel_inference.config import ConfigurationError
 from otel_inference.instrumentation.torch.environment_variables import (
     OTEL_INFERENCE_CUDA_TIMING,
     OTEL_INFERENCE_TORCH_FORWARD_DEPTH,
+    OTEL_INFERENCE_TORCH_GENERATE,
     OTEL_INFERENCE_TORCH_PROFILE_EVERY,
     OTEL_INFERENCE_TORCH_TRANSFERS,
 )
@@ -30,6 +31,7 @@ class TorchSettings:
     forward_depth: int = 1
     transfers: bool = True
     max_pending: int = DEFAULT_MAX_PENDING
+    generate: bool = True
 
 
 def _parse_int(value: object, source: str, low: int, high: int) -> int:
@@ -59,6 +61,7 @@ def load_settings(
     forward_depth: int | None = None,
     transfers: bool | None = None,
     max_pending: int | None = None,
+    generate: bool | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> TorchSettings:
     """Arguments win over the environment. Raises :class:`ConfigurationError`."""
@@ -98,4 +101,7 @@ def load_settings(
         if max_pending is None
         else _parse_int(max_pending, "max_pending", 1, 1_000_000)
     )
-    return TorchSettings(mode, every, depth, record_transfers, pending)
+    record_generate = setting(
+        generate, "generate", OTEL_INFERENCE_TORCH_GENERATE, _parse_bool, True
+    )
+    return TorchSettings(mode, every, depth, record_transfers, pending, record_generate)

@@ -35,12 +35,16 @@ from opentelemetry.metrics import Counter, Histogram, Meter
 from otel_inference import semconv
 from otel_inference.instrumentation.torch import _names
 from otel_inference.instrumentation.torch._config import TorchSettings
+from otel_inference.instrumentation.torch._generate import GenerateRun, step_forward
 from otel_inference.instrumentation.torch._profile import ActiveProfile, ForwardProfiler
 from otel_inference.stages import StageRecorder, StageScope, current_request, log_once
 from otel_inference.timing import SOURCE_FALLBACK, SOURCE_HOST, CudaTimer, Timing
 
 _MISSING = object()
 _QUIET = 1 << 16  # added to the depth inside model moves/loads: nothing there is a stage
+# The depth while transformers' generate() runs, between its forwards: a forward
+# there is a generation step (see _generate), a copy is no transfer stage.
+_GENERATING = 1 << 20
 _MAX_SHAPES = 8
 _MAX_SCAN = 16
 _MAX_NAME = 32
@@ -70,7 +74,8 @@ _is_compiling: Callable[[], bool] = getattr(
 
 
 class _State(threading.local):
-    depth = 0  # enclosing instrumented forward calls in this thread (+ _QUIET)
+    depth = 0  # enclosing instrumented forward calls in this thread (+ _QUIET, _GENERATING)
+    generation: GenerateRun | None = None  # the generate() call running in this thread
 
 
 _state = _State()
@@ -328,6 +333,11 @@ class TorchTracker:
         def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             depth = state.depth
             if depth >= max_depth:  # an inner call: nothing to record
+                # A step of generate(); never while Dynamo traces (no side effects in a graph).
+                if depth == _GENERATING and state.generation is not None and not _is_compiling():
+                    return step_forward(
+                        state.generation, state, _GENERATING, _QUIET, original, self, args, kwargs
+                    )
                 return original(self, *args, **kwargs)
             # Dynamo cannot trace a ContextVar read: ask whether it is tracing first.
             if _is_compiling() or not is_instrumentation_enabled():

@@ -52,3 +52,15 @@ OTEL_INFERENCE_TORCH_TRANSFERS = "OTEL_INFERENCE_TORCH_TRANSFERS"
 (``Tensor.to``, ``.cuda()``, ``.cpu()``, ``copy_``) as ``h2d_transfer`` /
 ``d2h_transfer`` stages; ``false`` leaves tensor methods untouched.
 """
+
+OTEL_INFERENCE_TORCH_GENERATE = "OTEL_INFERENCE_TORCH_GENERATE"
+"""
+.. envvar:: OTEL_INFERENCE_TORCH_GENERATE
+
+``true`` (default): transformers ``generate()`` is one ``generate`` stage holding
+``prefill`` and ``decode`` (each recorded once per call, the step count on the
+``decode`` span), with the GenAI server metrics (time to first token, time per
+output token, request duration, token usage); its forwards are not
+``model_forward`` stages. ``false``: every forward inside it is a
+``model_forward`` stage, as for any other model.
+"""
