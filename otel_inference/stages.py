@@ -1028,7 +1028,17 @@ class StageScope(_Scope):
             span.set_attribute(key, value)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        end_ns = perf_counter_ns()
+        self.finish(perf_counter_ns(), exc)
+        return False
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """Close a stage opened with :meth:`StageRecorder.start`."""
+        self.finish(perf_counter_ns(), exc)
+
+    def finish(self, end_ns: int, exc: BaseException | None = None) -> None:
+        """Close the stage as having ended at ``end_ns`` (``perf_counter_ns``): for an
+        instrumentor that timed the call itself and did some work of its own since
+        (sized the payload, set span attributes), which is not the stage's."""
         tally = self._tally
         if tally is not None and exc is None:
             # The hot path: a successful call in an unsampled request, added to the
@@ -1040,7 +1050,7 @@ class StageScope(_Scope):
                 start_ns = self._start_ns
                 if account.closed:  # type: ignore[union-attr]
                     self.record(end_ns - start_ns)  # its request ended: a single call
-                    return False
+                    return
                 intervals = tally.union.intervals
                 intervals.append((start_ns, end_ns))
                 if len(intervals) > _UNSETTLED:
@@ -1053,7 +1063,7 @@ class StageScope(_Scope):
                     _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
             except Exception:  # never break the host application
                 log_once("stage-exit", "otel-inference: failed to close stage", level=logging.ERROR)
-            return False
+            return
         self.exit_context()
         self.record(end_ns - self._start_ns, exc)
         account = self._account
@@ -1062,11 +1072,6 @@ class StageScope(_Scope):
             account.add_instrumentation(
                 self._start_ns - self._enter_ns + perf_counter_ns() - end_ns
             )
-        return False
-
-    def end(self, exc: BaseException | None = None) -> None:
-        """Close a stage opened with :meth:`StageRecorder.start`."""
-        self.__exit__(None if exc is None else type(exc), exc, None)
 
     def exit_context(self) -> None:
         """Restore the caller's context (stage nesting and current span).

@@ -21,7 +21,7 @@ from tests.test_spans_file import read_spans
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUESTS = 12
+REQUESTS = 24  # with 3 clients, as make demo-llm runs: TTFT holds real queueing
 NEW_TOKENS = 12
 
 
@@ -38,7 +38,7 @@ def test_llm_demo_report_ttft_agrees_with_the_client(tmp_path):
             "--requests",
             str(REQUESTS),
             "--concurrency",
-            "2",
+            "3",
             "--max-new-tokens",
             str(NEW_TOKENS),
         ],

@@ -153,17 +153,19 @@ def _finish(
     recorder: StageRecorder,
     target: Target,
     scope: StageScope,
-    duration_ns: int,
+    end_ns: int,
     exc: BaseException | None,
     payload: Any,
 ) -> None:
-    """Close the stage; ``payload`` is the bytes out (serialize) or in (parse)."""
+    """Close the stage as ended at ``end_ns``; ``payload`` is the bytes out (serialize)
+    or in (parse). Sizing it is our work, not the stage's."""
     flag = _RECORDING.set(True)
     try:
-        scope.exit_context()
         size = None if exc is not None else payload_size(payload)
-        attributes = target.span_attributes(size) if scope.is_recording else {}
-        scope.record(duration_ns, exc, **attributes)
+        if scope.is_recording:
+            for key, value in target.span_attributes(size).items():
+                scope.set_attribute(key, value)
+        scope.finish(end_ns, exc)
         _record_size(recorder, target, size)
     except Exception:
         log_once(
@@ -187,14 +189,13 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
         if not _should_record():
             return wrapped(*args, **kwargs)
         scope = recorder.start(target.stage)
-        start_ns = perf_counter_ns()
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
-            _finish(recorder, target, scope, perf_counter_ns() - start_ns, exc, None)
+            _finish(recorder, target, scope, perf_counter_ns(), exc, None)
             raise
-        duration_ns = perf_counter_ns() - start_ns
-        _finish(recorder, target, scope, duration_ns, None, _payload(target, result, args, kwargs))
+        end_ns = perf_counter_ns()
+        _finish(recorder, target, scope, end_ns, None, _payload(target, result, args, kwargs))
         return result
 
     return wrapper
