@@ -111,6 +111,7 @@ def throughput() -> tuple[object, str]:
     bench.case("monitor off", run(False))
     bench.case("monitor on", run(True))
     result = bench.run(ops=2_000, rounds=11)
+    monitor.started = True  # as instrument() left it, whichever case ran last: stop() cleans up
     RuntimeInstrumentor().uninstrument()
     noise = max(case.spread_us for case in result.cases.values())
     added = result.added_us("monitor on")
