@@ -13,7 +13,7 @@ import pytest
 
 from otel_inference.report import build_report, html, load_jaeger, load_spans_file, render_table
 from otel_inference.report.render import render_json
-from tests.apps.report_spans import GAP, SERVICE, SpanWriter, Step, jaeger_payload
+from tests.apps.report_spans import GAP, MS, SERVICE, SpanWriter, Step, jaeger_payload
 from tests.servers import require_binary
 from tests.test_report_cli import chromium_screenshot, png_pixels, run
 from tests.test_report_jaeger import FakeJaeger
@@ -325,9 +325,11 @@ def test_html_timeline_and_waterfalls_in_headless_chromium(tmp_path):
     panels = find(rows, hex_rgb(html.WATERFALL_BACKGROUND), 0)
     assert panels
     px0, py0, px1, py1 = box(panels)
-    band = [  # HELD_COLOUR at 55% over the panel's background
+    band = [  # the GC pause colour at 55% over the panel's background
         round(0.55 * h + 0.45 * b)
-        for h, b in zip(hex_rgb(html.HELD_COLOUR), hex_rgb(html.WATERFALL_BACKGROUND), strict=True)
+        for h, b in zip(
+            hex_rgb(html.HELD_COLOURS["gc.pause"]), hex_rgb(html.WATERFALL_BACKGROUND), strict=True
+        )
     ]
     held = [(x, y) for x, y in find(rows, tuple(band)) if px0 <= x <= px1 and py0 <= y <= py1]
     # 12 ms of 81 ms on a 640 px axis (~95 px wide), over the first request's panel.
@@ -420,3 +422,31 @@ def test_cli_reads_budgets_from_the_spans_and_budgets_override(writer):
     )
     (line,) = [line for line in given.stdout.splitlines() if line.startswith("queue_wait")]
     assert line.split()[6:8] == ["45.0", "ok"]  # budget ms, status: the table as before
+
+
+def test_a_held_event_loop_marks_the_waterfall_once(writer):
+    """The monitor puts an ``event_loop.blocked`` event (stamped at the hold's start) on
+    every stage span the hold overlapped: the waterfall shows the hold once."""
+    from opentelemetry import trace
+
+    start = writer._advance(40 * MS)
+    root = writer.open_request(start, attributes={"inference.unattributed.duration": 0.0})
+    held_from = start + 5 * MS
+    for name, lo, hi in (("feature_hydration", 0, 20), ("queue_wait", 20, 40)):
+        span = writer.tracer.start_span(
+            name,
+            context=trace.set_span_in_context(root),
+            start_time=start + lo * MS,
+            attributes={"inference.stage": name},
+        )
+        span.add_event(
+            "event_loop.blocked",
+            {"inference.event_loop.blocked.duration": 0.025},
+            timestamp=held_from,
+        )
+        span.end(end_time=start + hi * MS)
+    root.end(end_time=start + 40 * MS)
+    report = report_of(writer)
+    (waterfall,) = report.slowest
+    assert waterfall.held == [("event_loop.blocked", 0.005, 0.025)]
+    assert "by 1 event-loop hold" in html.render_html(report)

@@ -7,7 +7,7 @@ Prometheus alone, where there is no share, this chart is left out), the
 per-stage p50/p95/p99 bars with each budget marked, then (from spans) the
 padding waste, per-stage p95 over time (a burst shows as a step) and
 waterfalls of the slowest requests (nested stages indented, batch membership,
-GC pauses as red bands).
+GC pauses as red bands, a held event loop as purple ones).
 
 Usage::
 
@@ -18,6 +18,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections import Counter
 from html import escape
 
 from otel_inference.report._model import Report, StageRow
@@ -64,12 +65,15 @@ def _colours(report: Report) -> dict[str, str]:
         if row.kind == "stage":
             colours[row.stage] = PALETTE[len(colours) % len(PALETTE)]
     colours["unattributed"] = UNATTRIBUTED_COLOUR
+    colours["event_loop"] = HELD_COLOURS["event_loop.blocked"]
     return colours
 
 
 def _tail_chart(report: Report, colours: dict[str, str]) -> str:
     parts = [
-        r for r in report.rows if r.kind in ("stage", "unattributed") and (r.tail_share or 0) > 0
+        r
+        for r in report.rows
+        if r.kind in ("stage", "unattributed", "event_loop") and (r.tail_share or 0) > 0
     ]
     if not parts:
         return ""
@@ -227,8 +231,9 @@ def render_html(report: Report) -> str:
 
 TIMELINE_BACKGROUND = "#fbfbf4"
 WATERFALL_BACKGROUND = "#f6f8fc"
-HELD_COLOUR = "#d62728"
-"""GC pauses (time the process held the request) on the waterfalls."""
+HELD_COLOURS = {"gc.pause": "#d62728", "event_loop.blocked": "#7b1fa2"}
+"""Time the process held the request, on the waterfalls: GC pauses, a held event loop."""
+HELD_NAMES = {"gc.pause": "GC pause", "event_loop.blocked": "event-loop hold"}
 REQUEST_LINE = "#333333"
 
 
@@ -382,8 +387,9 @@ def _waterfalls(report: Report, colours: dict[str, str]) -> str:
             x = label_w + max(0.0, start) / scale * plot_w
             w = max(2.0, duration / scale * plot_w)
             items.append(
-                f'<rect x="{x:.1f}" y="0" width="{w:.1f}" height="{height}" fill="{HELD_COLOUR}" '
-                f'fill-opacity="0.55"><title>{escape(name)}: {escape(_seconds(duration))}'
+                f'<rect x="{x:.1f}" y="0" width="{w:.1f}" height="{height}" '
+                f'fill="{HELD_COLOURS.get(name, "#d62728")}" fill-opacity="0.55">'
+                f"<title>{escape(HELD_NAMES.get(name, name))}: {escape(_seconds(duration))}"
                 "</title></rect>"
             )
         held = sum(d for _, _, d in waterfall.held)
@@ -392,7 +398,12 @@ def _waterfalls(report: Report, colours: dict[str, str]) -> str:
             at = f" at {_seconds((waterfall.start_ns - report.timeline.start_ns) / 1e9)}"
         caption = f"{number}. {_seconds(waterfall.duration)}{at} (trace {waterfall.trace_id[:12]}…)"
         if held:
-            caption += f"; held {_seconds(held)} by {len(waterfall.held)} GC pause(s)"
+            counts = Counter(name for name, _, _ in waterfall.held)
+            what = ", ".join(
+                f"{count} {HELD_NAMES.get(name, name)}{'' if count == 1 else 's'}"
+                for name, count in sorted(counts.items())
+            )
+            caption += f"; held {_seconds(held)} by {what}"
         blocks.append(
             f'<p class="meta">{escape(caption)}</p>'
             f'<svg role="img" aria-label="waterfall of request {number}" width="{width}" '
@@ -402,6 +413,7 @@ def _waterfalls(report: Report, colours: dict[str, str]) -> str:
         "<h2>The slowest requests</h2>"
         '<p class="meta">Each request\'s stages on its time axis (one scale for all), nested '
         "stages indented; batch #n of N: the batch the request shared with N requests (the same "
-        "#n is the same batch); red bands: GC pauses while the request was in flight. Times "
-        "after the first request's start, as on the chart above.</p>" + "".join(blocks)
+        "#n is the same batch); red bands: GC pauses, purple bands: the event loop held, while "
+        "the request was in flight. Times after the first request's start, as on the chart "
+        "above.</p>" + "".join(blocks)
     )

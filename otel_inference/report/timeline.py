@@ -49,9 +49,13 @@ _WIDTHS = (
 )  # fmt: skip
 """Bin widths in seconds: the smallest that keeps the bins at most MAX_BINS."""
 
-HELD_EVENTS: Mapping[str, str] = {"gc.pause": semconv.INFERENCE_GC_PAUSE_DURATION}
-"""Span events that mark time the process held a request: event name -> the
-attribute holding the interval's duration in seconds (the event's time is its end)."""
+HELD_EVENTS: Mapping[str, tuple[str, str]] = {
+    "gc.pause": (semconv.INFERENCE_GC_PAUSE_DURATION, "end"),
+    "event_loop.blocked": (semconv.INFERENCE_EVENT_LOOP_BLOCKED, "start"),
+}
+"""Span events that mark time the process held a request: event name -> (the
+attribute holding the interval's duration in seconds, whether the event's time is
+the interval's ``start`` or its ``end``)."""
 
 SLOWEST = 5
 
@@ -197,19 +201,20 @@ def _held(
     request: SpanRecord, children: Mapping[SpanKey, list[SpanRecord]]
 ) -> list[tuple[str, float, float]]:
     """``(event name, start offset s, duration s)`` of the held intervals recorded
-    on the request span or on a non-stage span inside it (our ``request()`` span
-    under a web framework's)."""
+    on the request span or any span inside it (our ``request()`` span under a web
+    framework's, the stages a held loop held), each interval once."""
     held = []
     stack = [request]
     while stack:
         span = stack.pop()
         for event in span.events:
-            key = HELD_EVENTS.get(event.name)
+            key, stamped = HELD_EVENTS.get(event.name, (None, "end"))
             duration = None if key is None else event.attributes.get(key)
             if isinstance(duration, (int, float)) and not isinstance(duration, bool):
-                end = (event.time_ns - request.start_ns) / 1e9
-                held.append((event.name, end - float(duration), float(duration)))
-        stack.extend(
-            c for c in children.get(span.key, ()) if semconv.INFERENCE_STAGE not in c.attributes
-        )
-    return sorted(held, key=lambda h: h[1])
+                at = (event.time_ns - request.start_ns) / 1e9
+                start = at if stamped == "start" else at - float(duration)
+                held.append((event.name, start, float(duration)))
+        # Stage spans too: a held event loop is marked on the stages it held.
+        stack.extend(children.get(span.key, ()))
+    # The same interval can be on a framework's SERVER span and our request() span in it.
+    return sorted({(n, round(b, 6), round(d, 6)) for n, b, d in held}, key=lambda h: h[1])
