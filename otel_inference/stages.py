@@ -579,16 +579,15 @@ class StageRecorder:
         try:
             frame = _FRAME.get()
             account = None if frame is None else frame[0]
-            if account is not None:
-                with account.lock:
-                    if not account.closed:
-                        key = (id(instrument), tuple(attributes.items()))
-                        entry = account.sums.get(key)
-                        if entry is None:
-                            account.sums[key] = [instrument, attributes, value]
-                        else:
-                            entry[2] += value
-                        return
+            if account is not None and not account.closed:
+                # No lock: under the GIL the sum's update is one step, and setdefault
+                # keeps the entry a racing thread made.
+                key = (id(instrument), tuple(attributes.items()))
+                entry = account.sums.get(key)
+                if entry is None:
+                    entry = account.sums.setdefault(key, [instrument, attributes, 0])
+                entry[2] += value
+                return
             _emit(instrument, value, attributes)
         except Exception:
             log_once(
@@ -932,7 +931,7 @@ class StageScope(_Scope):
                 if account.recording:
                     self._enter_sampled(binding, account, tally)
                 elif binding.call_duration is None:
-                    self._tally = tally  # __exit__ only counts the call
+                    self._tally = tally  # finish() only counts the call
             self._frame_token: Token[_Frame | None] | None = _FRAME.set((account, self._name))
         except Exception:  # never break the host application
             log_once("stage-enter", "otel-inference: failed to open stage", level=logging.ERROR)
@@ -965,6 +964,8 @@ class StageScope(_Scope):
             and held.seq == account.span_seq
         ):
             self._joined = held
+            if binding.call_duration is None:
+                self._tally = tally  # finish() joins it when the call stays short
             return
         if not trace.get_current_span(context).is_recording():
             return
@@ -1021,6 +1022,12 @@ class StageScope(_Scope):
         """True when this stage has a sampled span (worth computing costly attributes)."""
         return self._span is not None and self._span.is_recording()
 
+    @property
+    def may_end_spans(self) -> bool:
+        """Closing it may end spans (its own, or a held one it replaces), and so run
+        a span processor's exporter in this thread."""
+        return self._span is not None or self._joined is not None
+
     def set_attribute(self, key: str, value: Any) -> None:
         """Set a span attribute (no-op on the unsampled path)."""
         span = self._span
@@ -1040,9 +1047,14 @@ class StageScope(_Scope):
         instrumentor that timed the call itself and did some work of its own since
         (sized the payload, set span attributes), which is not the stage's."""
         tally = self._tally
-        if tally is not None and exc is None:
-            # The hot path: a successful call in an unsampled request, added to the
-            # request's tally (a lock-free append); recorded when the request ends.
+        if (
+            tally is not None
+            and exc is None
+            and (self._joined is None or self._stays_joined(end_ns))
+        ):
+            # The hot path: a successful call in an unsampled request, or one that joins
+            # its stage's held span, added to the request's tally (a lock-free append);
+            # recorded when the request ends.
             try:
                 _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
                 self._frame_token = None
@@ -1055,6 +1067,9 @@ class StageScope(_Scope):
                 intervals.append((start_ns, end_ns))
                 if len(intervals) > _UNSETTLED:
                     tally.union.settle()
+                joined = self._joined
+                if joined is not None:
+                    joined.join(start_ns, end_ns)
                 if self._parent is None:
                     account._instrumentation_ns += (  # type: ignore[union-attr]
                         start_ns - self._enter_ns + perf_counter_ns() - end_ns
@@ -1072,6 +1087,19 @@ class StageScope(_Scope):
             account.add_instrumentation(
                 self._start_ns - self._enter_ns + perf_counter_ns() - end_ns
             )
+
+    def _stays_joined(self, end_ns: int) -> bool:
+        """A call that joined its stage's held span stays in it: successful (the
+        caller checked), within the compression threshold and the budget, and the
+        held span still the stage's latest. Otherwise it gets a span of its own."""
+        binding = self._binding
+        duration_ns = end_ns - self._start_ns
+        budget = binding.budgets.get(self._name)  # type: ignore[union-attr]
+        return (
+            duration_ns <= binding.compress_ns  # type: ignore[union-attr]
+            and (budget is None or duration_ns <= budget * 1e9)
+            and self._tally.held is self._joined  # type: ignore[union-attr]
+        )
 
     def exit_context(self) -> None:
         """Restore the caller's context (stage nesting and current span).

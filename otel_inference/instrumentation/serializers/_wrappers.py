@@ -159,13 +159,20 @@ def _finish(
 ) -> None:
     """Close the stage as ended at ``end_ns``; ``payload`` is the bytes out (serialize)
     or in (parse). Sizing it is our work, not the stage's."""
-    flag = _RECORDING.set(True)
     try:
         size = None if exc is not None else payload_size(payload)
-        if scope.is_recording:
-            for key, value in target.span_attributes(size).items():
-                scope.set_attribute(key, value)
-        scope.finish(end_ns, exc)
+        if scope.may_end_spans:
+            # Ending a span can run an exporter that serialises: not a stage of ours.
+            flag = _RECORDING.set(True)
+            try:
+                if scope.is_recording:
+                    for key, value in target.span_attributes(size).items():
+                        scope.set_attribute(key, value)
+                scope.finish(end_ns, exc)
+            finally:
+                _RECORDING.reset(flag)
+        else:
+            scope.finish(end_ns, exc)
         _record_size(recorder, target, size)
     except Exception:
         log_once(
@@ -174,8 +181,6 @@ def _finish(
             target.stage,
             level=logging.ERROR,
         )
-    finally:
-        _RECORDING.reset(flag)
 
 
 def _payload(target: Target, result: Any, args: Any, kwargs: Any) -> Any:
