@@ -451,10 +451,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-per-hour", type=float, default=0.10, help="$ per hour of the host")
     args = parser.parse_args(argv)
 
+    return run_to_the_end(run, args)
+
+
+def run_to_the_end(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """A demo's exit status: SIGTERM and Ctrl-C stop it as an interruption (its
+    ``finally`` blocks stop what it started), a DemoError is one line and exit 1."""
+
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, interrupted)  # `finally` stops what we started
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         return run(args)
     except DemoError as exc:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from examples.run_demo import (
     free_port,
     http_get,
     instrumented_env,
+    run_to_the_end,
     say,
     start_service,
 )
@@ -167,18 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
 
-    def interrupted(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    try:
-        return run(args)
-    except DemoError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("demo interrupted; stopped its processes", file=sys.stderr)
-        return 130
+    return run_to_the_end(run, args)
 
 
 if __name__ == "__main__":
