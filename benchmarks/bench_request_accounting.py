@@ -6,9 +6,10 @@ machine's scheduling noise left out):
 
 * a repeated call of a stage already seen in the request: <= 1.5 us unsampled, <= 3 us
   sampled once compressed;
-* 500 small ``orjson.dumps`` in a sampled request: <= 1.5 ms added and <= 8 spans;
-* an unsampled request with 6 distinct stages: the total added time, and how much of it is
-  the SDK's own ``histogram.record``.
+* 500 small ``orjson.dumps`` in a sampled request: <= 1.5 ms added and <= 8 spans.
+
+An unsampled request with 6 distinct stages, and the SDK's share of what it adds (the SDK
+path against no metrics at all, same run), is ``benchmarks/bench_fastpath.py``'s.
 
     python -m benchmarks.bench_request_accounting
 """
@@ -28,16 +29,6 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from benchmarks.harness import Benchmark
 from otel_inference import StageRecorder, configure, get_recorder, request
 from otel_inference.instrumentation.serializers import SerializersInstrumentor
-from otel_inference.metrics import duration_boundaries
-
-SIX_STAGES = (
-    "parse",
-    "feature_hydration",
-    "tokenize",
-    "model_forward",
-    "postprocess",
-    "serialize",
-)
 
 
 def _recorder(sampler) -> tuple[StageRecorder, TracerProvider, MeterProvider]:
@@ -151,64 +142,8 @@ def orjson_loop() -> str:
     return result.markdown()
 
 
-def six_stages() -> str:
-    """An unsampled request with 6 distinct stages, and the SDK's share of what it adds."""
-    recorder, _, meter_provider = _recorder(ALWAYS_OFF)
-    meter = meter_provider.get_meter("bench")
-    histogram = meter.create_histogram(
-        "bare.stage.duration", unit="s", explicit_bucket_boundaries_advisory=duration_boundaries()
-    )
-    # What a request records at its end: per stage a duration and a calls value, plus the
-    # request and unattributed durations.
-    attribute_sets = [
-        {"inference.stage": name} for name in (*SIX_STAGES, "request", "unattributed")
-    ]
-    records = [*attribute_sets[:6], *attribute_sets]  # 6 calls records + 8 durations
-
-    def bare_request(n: int) -> int:
-        start = thread_time_ns()
-        for _ in range(n):
-            for _name in SIX_STAGES:
-                perf_counter_ns()
-                perf_counter_ns()
-        return thread_time_ns() - start
-
-    def sdk_records(n: int) -> int:
-        start = thread_time_ns()
-        for _ in range(n):
-            for attributes in records:
-                histogram.record(0.001, attributes)
-        return thread_time_ns() - start
-
-    def instrumented(n: int) -> int:
-        stage_ = recorder.stage
-        start = thread_time_ns()
-        for _ in range(n):
-            with recorder.request():
-                for name in SIX_STAGES:
-                    with stage_(name):
-                        pass
-        return thread_time_ns() - start
-
-    bench = Benchmark("request accounting: an unsampled request with 6 stages", "bare")
-    bench.case("bare", bare_request)
-    bench.case("the SDK records alone (14 histogram.record)", sdk_records)
-    bench.case("request() + 6 stage()", instrumented)
-    result = bench.run(ops=2_000, rounds=15, self_timed=True, clock=thread_time_ns)
-    total = result.added_us("request() + 6 stage()")
-    sdk = result.cases["the SDK records alone (14 histogram.record)"].median_us
-    result.notes.append(
-        f"The request adds {total:.1f} us in all, of which {sdk:.1f} us ({sdk / total:.0%}) is "
-        "the SDK's own histogram.record: 6 stage durations, 6 call counts, request and "
-        f"unattributed. otel-inference's own work is the remaining {total - sdk:.1f} us "
-        f"({(total - sdk) / len(SIX_STAGES):.1f} us a stage)."
-    )
-    result.write()
-    return result.markdown()
-
-
 def main() -> None:
-    sections = [*repeated_calls(), orjson_loop(), six_stages()]
+    sections = [*repeated_calls(), orjson_loop()]
     for section in sections:
         print(section)
 
