@@ -17,6 +17,7 @@ from otel_inference.environment_variables import (
     OTEL_INFERENCE_PROMETHEUS_PORTS,
     OTEL_INFERENCE_ROOT_STAGES,
     OTEL_INFERENCE_SPAN_COMPRESSION_THRESHOLD,
+    OTEL_INFERENCE_SPEEDUPS,
     OTEL_INFERENCE_STAGE_CALL_DURATION,
 )
 
@@ -91,6 +92,11 @@ def parse_count(
 def metrics_fast_path_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """:envvar:`OTEL_INFERENCE_METRICS_FAST_PATH` (default true)."""
     return parse_bool(OTEL_INFERENCE_METRICS_FAST_PATH, environ, default=True)
+
+
+def speedups_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """:envvar:`OTEL_INFERENCE_SPEEDUPS` (default true)."""
+    return parse_bool(OTEL_INFERENCE_SPEEDUPS, environ, default=True)
 
 
 DEFAULT_MAX_SPANS_PER_REQUEST = 500

@@ -60,6 +60,7 @@ from otel_inference.config import (
     metrics_fast_path_enabled,
     prometheus_ports,
     root_stage_policy,
+    speedups_enabled,
 )
 from otel_inference.environment_variables import (
     OTEL_INFERENCE_SPANS_FILE,
@@ -178,6 +179,7 @@ def validate_environment() -> list[str]:
         ("spans-file-env", spans_file),
         ("prometheus-ports-env", prometheus_ports),
         ("fast-path-env", metrics_fast_path_enabled),
+        ("speedups-env", speedups_enabled),
     )
     for key, check in checks:
         try:

@@ -67,6 +67,8 @@ from opentelemetry.trace import (
 )
 
 from otel_inference import semconv
+from otel_inference._compiled import SPEEDUPS
+from otel_inference._logging import log_once
 from otel_inference.accounting import (
     MAX_UNSETTLED_INTERVALS as _UNSETTLED,
 )
@@ -104,27 +106,6 @@ OTHER_STAGE = "_other"
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-
-_logged_once: set[str] = set()
-
-
-def log_once(
-    key: str,
-    message: str,
-    *args: object,
-    level: int = logging.WARNING,
-    exc_info: bool | None = None,
-) -> None:
-    """Log an instrumentation problem once per process: never flood, never raise.
-
-    ERROR logs carry the traceback (a bug of ours) unless ``exc_info=False``
-    (a configuration problem: the message says it all)."""
-    if key in _logged_once:
-        return
-    _logged_once.add(key)
-    _logger.log(
-        level, message, *args, exc_info=level >= logging.ERROR if exc_info is None else exc_info
-    )
 
 
 class RequestAccount:
@@ -776,9 +757,13 @@ def _error_type(exc: BaseException) -> str:
 
 
 class _Scope:
-    """Shared machinery of stage and request scopes: decorator and async forms."""
+    """Shared machinery of stage and request scopes: decorator and async forms. No
+    slots of its own: a stage scope's layout is its core's (maybe compiled)."""
 
-    __slots__ = ("_attributes", "_name", "_recorder")
+    __slots__ = ()
+    _recorder: StageRecorder
+    _name: str
+    _attributes: Mapping[str, Any] | None
 
     def __init__(
         self, recorder: StageRecorder, name: str, attributes: Mapping[str, Any] | None
@@ -867,19 +852,27 @@ def _drain_gc_pauses(binding: _Binding) -> None:
 _FRESH_SCOPE_NS = 100_000
 
 
-class StageScope(_Scope):
-    """One execution of a stage. Single use as a context manager; as a
-    decorator each call gets a fresh scope.
+_HOT_PATH_FAILURES = {
+    "stage-enter": "otel-inference: failed to open stage",
+    "stage-exit": "otel-inference: failed to close stage",
+}
 
-    Inside a request the call is added to the request's tally of the stage and
-    recorded when the request ends; its span (when sampled) is held open until
-    another span of the stage takes its place or the request ends, and a
-    consecutive short call of the same stage joins it instead of making its own
-    (span compression). Outside a request every call is recorded on exit.
-    """
+
+def _hot_path_failed(key: str, exc: BaseException) -> None:
+    """An ``except Exception`` of a stage's enter or exit: logged once, never raised
+    into the host application (called by both cores)."""
+    log_once(key, _HOT_PATH_FAILURES[key], level=logging.ERROR, exc_info=exc)
+
+
+class _PyStageCore:
+    """A stage scope's hot path in Python: its fields, ``__enter__``, ``__exit__`` and
+    ``finish``. ``_speedups.StageCore`` (``_speedups.c``) is the same code compiled,
+    step for step, and is used when it was built (``OTEL_INFERENCE_SPEEDUPS``); both
+    call the same :class:`StageScope` methods for everything off the hot path."""
 
     __slots__ = (
         "_account",
+        "_attributes",
         "_binding",
         "_cold",
         "_context_token",
@@ -888,9 +881,11 @@ class StageScope(_Scope):
         "_frame_token",
         "_joined",
         "_metric_context",
+        "_name",
         "_outer_context",
         "_parent",
         "_probe",
+        "_recorder",
         "_span",
         "_start_ns",
         "_start_wall_ns",
@@ -898,7 +893,7 @@ class StageScope(_Scope):
     )
 
     def __init__(
-        self, recorder: StageRecorder, name: str, attributes: Mapping[str, Any] | None
+        self, recorder: StageRecorder, name: str, attributes: Mapping[str, Any] | None = None
     ) -> None:
         self._recorder = recorder
         self._name = name
@@ -906,35 +901,35 @@ class StageScope(_Scope):
         # Making the scope is our work too: ``with stage(...)`` counts from here.
         self._created_ns = perf_counter_ns()
 
-    def __enter__(self) -> StageScope:
+    def __enter__(self) -> Any:
         enter_ns = perf_counter_ns()
         if enter_ns - self._created_ns < _FRESH_SCOPE_NS:
             enter_ns = self._created_ns
-        self._span: Span | None = None
-        self._joined: HeldSpan | None = None
-        self._tally: StageTally | None = None
-        self._metric_context: otel_context.Context | None = None
+        self._span = None
+        self._joined = None
+        self._tally = None
+        self._metric_context = None
         try:
             binding = self._recorder._binding or self._recorder._bind()
             self._binding = binding
             frame = _FRAME.get()
             account = None if frame is None else frame[0]
             if account is None:
-                self._enter_alone(binding, None if frame is None else frame[1])
+                self._enter_alone(binding, None if frame is None else frame[1])  # type: ignore[attr-defined]
             else:
                 # Inside a request. Unsampled, this is all a call costs: no context or
                 # span lookups (the request's sampling decision holds for its stages).
                 self._account = account
                 self._parent = parent = frame[1]  # type: ignore[index]
                 self._cold = account.cold
-                tally = account.tallies.get((self._name, parent)) or self._new_tally(account)
+                tally = account.tallies.get((self._name, parent)) or self._new_tally(account)  # type: ignore[attr-defined]
                 if account.recording:
-                    self._enter_sampled(binding, account, tally)
+                    self._enter_sampled(binding, account, tally)  # type: ignore[attr-defined]
                 elif binding.call_duration is None:
                     self._tally = tally  # finish() only counts the call
-            self._frame_token: Token[_Frame | None] | None = _FRAME.set((account, self._name))
-        except Exception:  # never break the host application
-            log_once("stage-enter", "otel-inference: failed to open stage", level=logging.ERROR)
+            self._frame_token = _FRAME.set((account, self._name))
+        except Exception as exc:  # never break the host application
+            _hot_path_failed("stage-enter", exc)
             self._binding = None
             self._frame_token = None
             self._account = None
@@ -944,6 +939,90 @@ class StageScope(_Scope):
         # Watches the running loop; a sync stage's thread CPU clock (#16).
         self._probe = _LOOP.stage_probe(self._span) if _LOOP.started else None
         return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        self.finish(perf_counter_ns(), exc)
+        return False
+
+    def finish(self, end_ns: int, exc: BaseException | None = None) -> None:
+        """Close the stage as having ended at ``end_ns`` (``perf_counter_ns``): for an
+        instrumentor that timed the call itself and did some work of its own since
+        (sized the payload, set span attributes), which is not the stage's."""
+        tally = self._tally
+        if (
+            tally is not None
+            and exc is None
+            and (self._joined is None or self._stays_joined(end_ns))  # type: ignore[attr-defined]
+        ):
+            # The hot path: a successful call in an unsampled request, or one that joins
+            # its stage's held span, added to the request's tally (a lock-free append);
+            # recorded when the request ends.
+            try:
+                _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
+                self._frame_token = None
+                account = self._account
+                start_ns = self._start_ns
+                if account.closed:  # type: ignore[union-attr]
+                    self.record(end_ns - start_ns)  # type: ignore[attr-defined]
+                    return  # its request ended: a single call
+                intervals = tally.union.intervals
+                intervals.append((start_ns, end_ns))
+                if len(intervals) > _UNSETTLED:
+                    tally.union.settle()
+                joined = self._joined
+                if joined is not None:
+                    joined.join(start_ns, end_ns)
+                if self._parent is None:
+                    account._instrumentation_ns += (  # type: ignore[union-attr]
+                        start_ns - self._enter_ns + perf_counter_ns() - end_ns
+                    )
+                if _GC_PENDING:
+                    _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
+            except Exception as exc:  # never break the host application
+                _hot_path_failed("stage-exit", exc)
+            return
+        self._finish_slow(end_ns, exc)  # type: ignore[attr-defined]
+
+
+def _compiled_core() -> type | None:
+    """``_speedups.StageCore`` bound to this module's state, or None (not built, or
+    turned off: :mod:`otel_inference._compiled`)."""
+    if SPEEDUPS is None:
+        return None
+    SPEEDUPS.bind(
+        frame=_FRAME,
+        loop=_LOOP,
+        gc_pending=_GC_PENDING,
+        drain_gc=_drain_gc_pauses,
+        failed=_hot_path_failed,
+        max_unsettled=_UNSETTLED,
+        fresh_scope_ns=_FRESH_SCOPE_NS,
+        clock_namespace=globals(),
+    )
+    return SPEEDUPS.StageCore
+
+
+_StageCore: type = _compiled_core() or _PyStageCore
+# Which core stage scopes run on: "compiled" or "python" (tests and bug reports).
+STAGE_CORE = "python" if _StageCore is _PyStageCore else "compiled"
+
+
+class StageScope(_StageCore, _Scope):  # type: ignore[misc, valid-type]
+    """One execution of a stage. Single use as a context manager; as a
+    decorator each call gets a fresh scope.
+
+    Inside a request the call is added to the request's tally of the stage and
+    recorded when the request ends; its span (when sampled) is held open until
+    another span of the stage takes its place or the request ends, and a
+    consecutive short call of the same stage joins it instead of making its own
+    (span compression). Outside a request every call is recorded on exit.
+
+    ``__init__``, ``__enter__``, ``__exit__`` and ``finish`` are the core's
+    (:class:`_PyStageCore`, or its compiled twin); the methods below are the
+    branches off the hot path, which both cores call.
+    """
+
+    __slots__ = ()
 
     def _new_tally(self, account: RequestAccount) -> StageTally:
         # setdefault: a racing thread's tally is kept, not replaced
@@ -1034,51 +1113,13 @@ class StageScope(_Scope):
         if span is not None:
             span.set_attribute(key, value)
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        self.finish(perf_counter_ns(), exc)
-        return False
-
     def end(self, exc: BaseException | None = None) -> None:
         """Close a stage opened with :meth:`StageRecorder.start`."""
         self.finish(perf_counter_ns(), exc)
 
-    def finish(self, end_ns: int, exc: BaseException | None = None) -> None:
-        """Close the stage as having ended at ``end_ns`` (``perf_counter_ns``): for an
-        instrumentor that timed the call itself and did some work of its own since
-        (sized the payload, set span attributes), which is not the stage's."""
-        tally = self._tally
-        if (
-            tally is not None
-            and exc is None
-            and (self._joined is None or self._stays_joined(end_ns))
-        ):
-            # The hot path: a successful call in an unsampled request, or one that joins
-            # its stage's held span, added to the request's tally (a lock-free append);
-            # recorded when the request ends.
-            try:
-                _FRAME.reset(self._frame_token)  # type: ignore[arg-type]
-                self._frame_token = None
-                account = self._account
-                start_ns = self._start_ns
-                if account.closed:  # type: ignore[union-attr]
-                    self.record(end_ns - start_ns)  # its request ended: a single call
-                    return
-                intervals = tally.union.intervals
-                intervals.append((start_ns, end_ns))
-                if len(intervals) > _UNSETTLED:
-                    tally.union.settle()
-                joined = self._joined
-                if joined is not None:
-                    joined.join(start_ns, end_ns)
-                if self._parent is None:
-                    account._instrumentation_ns += (  # type: ignore[union-attr]
-                        start_ns - self._enter_ns + perf_counter_ns() - end_ns
-                    )
-                if _GC_PENDING:
-                    _drain_gc_pauses(self._binding)  # type: ignore[arg-type]
-            except Exception:  # never break the host application
-                log_once("stage-exit", "otel-inference: failed to close stage", level=logging.ERROR)
-            return
+    def _finish_slow(self, end_ns: int, exc: BaseException | None) -> None:
+        """``finish`` off the hot path: a failed call, a sampled call with a span of
+        its own, a call outside a request, a call recorded per call."""
         self.exit_context()
         self.record(end_ns - self._start_ns, exc)
         account = self._account
@@ -1433,9 +1474,12 @@ class RequestScope(_Scope):
 
     __slots__ = (
         "_account",
+        "_attributes",
         "_binding",
         "_context_token",
         "_frame_token",
+        "_name",
+        "_recorder",
         "_span",
         "_start_wall_ns",
     )

@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry, generate_latest
 
 import otel_inference.stages as stages_module
-from otel_inference import StageRecorder, fastpath
+from otel_inference import StageRecorder, _logging, fastpath
 from otel_inference.distro import fast_path_meter_provider, metric_exporter_names
 from otel_inference.fastpath import FastCounter, FastHistogram, FastPeriodicExportingMetricReader
 from otel_inference.runtime import COLD_START
@@ -56,10 +56,10 @@ RESOURCE = Resource.create({"service.name": "fast-path-equivalence"})
 @pytest.fixture(autouse=True)
 def _log_once_restored():
     """What these tests log once (the `_other` cap, the fallback) stays loggable after."""
-    saved = set(stages_module._logged_once)
+    saved = set(_logging._logged_once)
     yield
-    stages_module._logged_once.clear()
-    stages_module._logged_once.update(saved)
+    _logging._logged_once.clear()
+    _logging._logged_once.update(saved)
 
 
 class SeededIds(IdGenerator):
@@ -294,7 +294,7 @@ def test_other_providers_take_the_sdk_path(caplog):
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     with caplog.at_level("INFO", logger="otel_inference.stages"):
-        stages_module._logged_once.discard("fast-path-off")
+        _logging._logged_once.discard("fast-path-off")
         recorder = StageRecorder(TracerProvider(), provider, budgets={})
         with recorder.request(), recorder.stage("tokenize"):
             pass

@@ -478,7 +478,7 @@ def test_counting_error_is_logged_once_and_call_unharmed(
         raise RuntimeError("counting bug")
 
     monkeypatch.setattr(_counts, "count_batch_encoding", broken)
-    monkeypatch.setattr("otel_inference.stages._logged_once", set())
+    monkeypatch.setattr("otel_inference._logging._logged_once", set())
     with suppress_instrumentation():
         expected = fast(["hello world"])
     first = fast(["hello world"])
