@@ -44,6 +44,7 @@ static PyObject *LOOP = NULL;          /* event-loop monitor (.started, .stage_p
 static PyObject *GC_PENDING = NULL;    /* deque of GC pauses to record */
 static PyObject *DRAIN_GC = NULL;      /* _drain_gc_pauses(binding) */
 static PyObject *FAILED = NULL;        /* _hot_path_failed(key, exc) */
+static PyObject *GET_CONTEXT = NULL;   /* opentelemetry.context.get_current */
 static Py_ssize_t MAX_UNSETTLED = 4096;
 static long long FRESH_SCOPE_NS = 100000;
 static PyObject *PERF_COUNTER_NS = NULL; /* time.perf_counter_ns where it is not CLOCK_MONOTONIC */
@@ -51,10 +52,26 @@ static PyObject *PERF_COUNTER_NS = NULL; /* time.perf_counter_ns where it is not
 static PyObject *s__binding, *s__bind, *s__enter_alone, *s__new_tally, *s__enter_sampled,
     *s_cold, *s_tallies, *s_recording, *s_call_duration, *s_started, *s_stage_probe, *s_closed,
     *s_record, *s_union, *s_intervals, *s_settle, *s__instrumentation_ns,
-    *s__stays_joined, *s__finish_slow, *s_stage_enter, *s_stage_exit, *s_perf_counter_ns;
+    *s__finish_slow, *s_stage_enter, *s_stage_exit, *s_perf_counter_ns, *s_held, *s_compressible,
+    *s_context, *s_seq, *s_span_seq, *s_compress_ns, *s_budgets, *s_get, *s_calls, *s_busy_ns,
+    *s_end_ns, *s_end_wall_ns;
 
 /* time.perf_counter_ns(): CLOCK_MONOTONIC on Linux for CPython 3.10-3.13 (checked
  * against it when stages.py binds this module; elsewhere we call it). */
+/* An int's value; an OverflowError past 64 bits. (PyLong_AsLongLong converts a
+ * nanosecond timestamp, two 30-bit digits, through a byte array: slower.) */
+static inline long long
+as_ll(PyObject *value)
+{
+    int overflow;
+    long long result = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow) {
+        PyErr_SetString(PyExc_OverflowError, "a nanosecond value beyond 64 bits");
+        return -1;
+    }
+    return result;
+}
+
 static PyObject *CLOCK_NAMESPACE = NULL; /* stages' globals: a patched perf_counter_ns wins */
 
 static int
@@ -64,7 +81,7 @@ call_clock(PyObject *clock, long long *out)
     if (value == NULL) {
         return -1;
     }
-    *out = PyLong_AsLongLong(value);
+    *out = as_ll(value);
     Py_DECREF(value);
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
@@ -92,6 +109,143 @@ now_ns(long long *out)
 #endif
     return call_clock(PERF_COUNTER_NS, out);
 }
+
+
+/* ---- HeldSpan: accounting.HeldSpan's compiled twin (a stage span held open) ---- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *span;
+    PyObject *context;
+    long long start_ns;
+    long long end_ns;
+    long long end_wall_ns;
+    long long calls;
+    long long busy_ns;
+    long long seq;
+    char compressible;
+} HeldSpan;
+
+static PyTypeObject *HeldSpanType = NULL;
+
+static int
+held_init(HeldSpan *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"span",         "start_ns", "end_ns", "end_wall_ns",
+                               "compressible", "context",  "seq",    NULL};
+    PyObject *span, *context;
+    long long start_ns, end_ns, end_wall_ns, seq;
+    int compressible;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLLLpOL:HeldSpan", keywords, &span,
+                                     &start_ns, &end_ns, &end_wall_ns, &compressible, &context,
+                                     &seq)) {
+        return -1;
+    }
+    Py_INCREF(span);
+    Py_XSETREF(self->span, span);
+    Py_INCREF(context);
+    Py_XSETREF(self->context, context);
+    self->start_ns = start_ns;
+    self->end_ns = end_ns;
+    self->end_wall_ns = end_wall_ns;
+    self->calls = 1;
+    self->busy_ns = end_ns - start_ns; /* the calls' summed time */
+    self->compressible = (char)compressible;
+    self->seq = seq;
+    return 0;
+}
+
+static inline void
+held_join(HeldSpan *self, long long start_ns, long long end_ns)
+{
+    self->calls += 1;
+    self->busy_ns += end_ns - start_ns;
+    if (end_ns > self->end_ns) {
+        self->end_wall_ns += end_ns - self->end_ns;
+        self->end_ns = end_ns;
+    }
+}
+
+static PyObject *
+held_join_method(HeldSpan *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "join(start_ns, end_ns)");
+        return NULL;
+    }
+    long long start_ns = as_ll(args[0]), end_ns = as_ll(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    held_join(self, start_ns, end_ns);
+    Py_RETURN_NONE;
+}
+
+static int
+held_traverse(HeldSpan *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->span);
+    Py_VISIT(self->context);
+    return 0;
+}
+
+static int
+held_clear(HeldSpan *self)
+{
+    Py_CLEAR(self->span);
+    Py_CLEAR(self->context);
+    return 0;
+}
+
+static void
+held_dealloc(HeldSpan *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    held_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyMemberDef held_members[] = {
+    {"span", T_OBJECT_EX, offsetof(HeldSpan, span), 0, NULL},
+    {"context", T_OBJECT_EX, offsetof(HeldSpan, context), 0, NULL},
+    {"start_ns", T_LONGLONG, offsetof(HeldSpan, start_ns), 0, NULL},
+    {"end_ns", T_LONGLONG, offsetof(HeldSpan, end_ns), 0, NULL},
+    {"end_wall_ns", T_LONGLONG, offsetof(HeldSpan, end_wall_ns), 0, NULL},
+    {"calls", T_LONGLONG, offsetof(HeldSpan, calls), 0, NULL},
+    {"busy_ns", T_LONGLONG, offsetof(HeldSpan, busy_ns), 0, NULL},
+    {"seq", T_LONGLONG, offsetof(HeldSpan, seq), 0, NULL},
+    {"compressible", T_BOOL, offsetof(HeldSpan, compressible), 0, NULL},
+    {NULL},
+};
+
+static PyMethodDef held_methods[] = {
+    {"join", (PyCFunction)(void (*)(void))held_join_method, METH_FASTCALL,
+     "join(start_ns, end_ns): one more call in this (compressed) span."},
+    {NULL},
+};
+
+static PyType_Slot held_slots[] = {
+    {Py_tp_doc, "A stage span whose call has finished but that is not ended yet "
+                "(accounting.HeldSpan, compiled)."},
+    {Py_tp_init, held_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, held_dealloc},
+    {Py_tp_traverse, held_traverse},
+    {Py_tp_clear, held_clear},
+    {Py_tp_members, held_members},
+    {Py_tp_methods, held_methods},
+    {0, NULL},
+};
+
+static PyType_Spec held_spec = {
+    .name = "otel_inference._speedups.HeldSpan",
+    .basicsize = sizeof(HeldSpan),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = held_slots,
+};
 
 /* Log an ``except Exception`` of the hot path once (stages._hot_path_failed); any
  * other exception (KeyboardInterrupt...) propagates, as in Python. */
@@ -135,8 +289,17 @@ core_init(StageCore *self, PyObject *args, PyObject *kwargs)
 {
     PyObject *recorder, *name, *attributes = Py_None;
     static char *keywords[] = {"recorder", "name", "attributes", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O:StageCore", keywords, &recorder,
-                                     &name, &attributes)) {
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if ((kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0) && (nargs == 2 || nargs == 3)) {
+        /* StageScope(recorder, name, attributes): every call site, parsed directly */
+        recorder = PyTuple_GET_ITEM(args, 0);
+        name = PyTuple_GET_ITEM(args, 1);
+        if (nargs == 3) {
+            attributes = PyTuple_GET_ITEM(args, 2);
+        }
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O:StageCore", keywords, &recorder,
+                                          &name, &attributes)) {
         return -1;
     }
     Py_INCREF(recorder);
@@ -155,6 +318,101 @@ core_init(StageCore *self, PyObject *args, PyObject *kwargs)
         Py_INCREF(_v);                   \
         Py_XSETREF(self->field, _v);     \
     } while (0)
+
+/* 1 when ``held`` (a stage's held span) can take one more call made in ``context``:
+ * compressible, opened in that context, and no other span opened since. */
+static int
+can_join(PyObject *held, PyObject *context, PyObject *account)
+{
+    if (held == Py_None) {
+        return 0;
+    }
+    if (Py_IS_TYPE(held, HeldSpanType)) {
+        HeldSpan *compiled = (HeldSpan *)held;
+        if (!compiled->compressible || compiled->context != context) {
+            return 0;
+        }
+        PyObject *span_seq = PyObject_GetAttr(account, s_span_seq);
+        if (span_seq == NULL) {
+            return -1;
+        }
+        long long seq = as_ll(span_seq);
+        Py_DECREF(span_seq);
+        if (seq == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        return compiled->seq == seq;
+    }
+    int compressible = truth_of_attr(held, s_compressible);
+    if (compressible <= 0) {
+        return compressible;
+    }
+    PyObject *held_context = PyObject_GetAttr(held, s_context);
+    if (held_context == NULL) {
+        return -1;
+    }
+    Py_DECREF(held_context); /* only its identity is compared */
+    if (held_context != context) {
+        return 0;
+    }
+    PyObject *seq = PyObject_GetAttr(held, s_seq);
+    if (seq == NULL) {
+        return -1;
+    }
+    PyObject *span_seq = PyObject_GetAttr(account, s_span_seq);
+    if (span_seq == NULL) {
+        Py_DECREF(seq);
+        return -1;
+    }
+    int same = PyObject_RichCompareBool(seq, span_seq, Py_EQ);
+    Py_DECREF(seq);
+    Py_DECREF(span_seq);
+    return same;
+}
+
+/* Inside a sampled request: a consecutive short call of the stage joins its held
+ * span (compression; finish() checks that it stays short), otherwise
+ * StageScope._enter_sampled takes a span for it, or none. 0 or -1. */
+static int
+enter_sampled(StageCore *self, PyObject *binding, PyObject *account, PyObject *tally)
+{
+    PyObject *context = PyObject_CallNoArgs(GET_CONTEXT);
+    if (context == NULL) {
+        return -1;
+    }
+    SET_FIELD(metric_context, context);
+    SET_FIELD(outer_context, context);
+    PyObject *held = PyObject_GetAttr(tally, s_held);
+    int join = held == NULL ? -1 : can_join(held, context, account);
+    int status = -1;
+    if (join < 0) {
+        goto done;
+    }
+    if (join) {
+        SET_FIELD(joined, held);
+        PyObject *call_duration = PyObject_GetAttr(binding, s_call_duration);
+        if (call_duration == NULL) {
+            goto done;
+        }
+        if (call_duration == Py_None) {
+            SET_FIELD(tally, tally);
+        }
+        Py_DECREF(call_duration);
+    }
+    else {
+        PyObject *result = PyObject_CallMethodObjArgs((PyObject *)self, s__enter_sampled, binding,
+                                                      account, context, NULL);
+        if (result == NULL) {
+            goto done;
+        }
+        Py_DECREF(result);
+    }
+    status = 0;
+done:
+    Py_XDECREF(held);
+    Py_DECREF(context);
+    return status;
+}
 
 /* The body of ``__enter__``'s ``try``: 0, or -1 with an exception set. */
 static int
@@ -236,9 +494,7 @@ enter_frame(StageCore *self)
             goto done;
         }
         if (recording) {
-            result = PyObject_CallMethodObjArgs((PyObject *)self, s__enter_sampled, binding,
-                                                account, tally, NULL);
-            if (result == NULL) {
+            if (enter_sampled(self, binding, account, tally) < 0) {
                 goto done;
             }
         }
@@ -283,6 +539,8 @@ core_enter(StageCore *self, PyObject *Py_UNUSED(ignored))
     if (now_ns(&enter_ns) < 0) {
         return NULL;
     }
+    /* A scope entered this soon after it was made was made for this ``with``: its
+     * making is our time too. One made long before (kept, then entered) is not. */
     if (enter_ns - self->created_ns < FRESH_SCOPE_NS) {
         enter_ns = self->created_ns;
     }
@@ -356,6 +614,61 @@ pair_of(long long first, long long second)
     return pair;
 }
 
+/* Add ``delta`` to the int attribute ``name`` of ``obj``. */
+static int
+add_to_attr(PyObject *obj, PyObject *name, long long delta)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    PyObject *step = PyLong_FromLongLong(delta);
+    PyObject *total = step == NULL ? NULL : PyNumber_Add(value, step);
+    Py_DECREF(value);
+    Py_XDECREF(step);
+    if (total == NULL) {
+        return -1;
+    }
+    int status = PyObject_SetAttr(obj, name, total);
+    Py_DECREF(total);
+    return status;
+}
+
+/* accounting.HeldSpan.join: one more call in the held (compressed) span. */
+static int
+join_held(PyObject *held, long long start_ns, long long end_ns)
+{
+    if (Py_IS_TYPE(held, HeldSpanType)) {
+        held_join((HeldSpan *)held, start_ns, end_ns);
+        return 0;
+    }
+    if (add_to_attr(held, s_calls, 1) < 0 || add_to_attr(held, s_busy_ns, end_ns - start_ns) < 0) {
+        return -1;
+    }
+    PyObject *value = PyObject_GetAttr(held, s_end_ns);
+    if (value == NULL) {
+        return -1;
+    }
+    long long held_end_ns = as_ll(value);
+    Py_DECREF(value);
+    if (held_end_ns == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (end_ns <= held_end_ns) {
+        return 0;
+    }
+    if (add_to_attr(held, s_end_wall_ns, end_ns - held_end_ns) < 0) {
+        return -1;
+    }
+    PyObject *end = PyLong_FromLongLong(end_ns);
+    if (end == NULL) {
+        return -1;
+    }
+    int status = PyObject_SetAttr(held, s_end_ns, end);
+    Py_DECREF(end);
+    return status;
+}
+
 /* The hot path of ``finish``: the call joins its request's tally. 0 or -1. */
 static int
 add_to_tally(StageCore *self, long long end_ns)
@@ -401,12 +714,9 @@ add_to_tally(StageCore *self, long long end_ns)
         }
         Py_CLEAR(result);
     }
-    if (self->joined != Py_None && self->joined != NULL) {
-        result = PyObject_CallMethod(self->joined, "join", "LL", start_ns, end_ns);
-        if (result == NULL) {
-            goto done;
-        }
-        Py_CLEAR(result);
+    if (self->joined != Py_None && self->joined != NULL
+        && join_held(self->joined, start_ns, end_ns) < 0) {
+        goto done;
     }
     if (self->parent == Py_None) {
         /* Our own enter and exit work, around the stage: not the application's. */
@@ -414,20 +724,8 @@ add_to_tally(StageCore *self, long long end_ns)
         if (now_ns(&exit_ns) < 0) {
             goto done;
         }
-        PyObject *spent = PyObject_GetAttr(account, s__instrumentation_ns);
-        if (spent == NULL) {
-            goto done;
-        }
-        PyObject *ours = PyLong_FromLongLong(start_ns - self->enter_ns + exit_ns - end_ns);
-        PyObject *total = ours == NULL ? NULL : PyNumber_Add(spent, ours);
-        Py_DECREF(spent);
-        Py_XDECREF(ours);
-        if (total == NULL) {
-            goto done;
-        }
-        int set = PyObject_SetAttr(account, s__instrumentation_ns, total);
-        Py_DECREF(total);
-        if (set < 0) {
+        if (add_to_attr(account, s__instrumentation_ns,
+                        start_ns - self->enter_ns + exit_ns - end_ns) < 0) {
             goto done;
         }
     }
@@ -452,6 +750,55 @@ done:
     return status;
 }
 
+/* StageScope._stays_joined: a call that joined its stage's held span stays in it
+ * when within the compression threshold and the budget, the held span still the
+ * stage's latest. 1, 0, or -1. */
+static int
+stays_joined(StageCore *self, long long end_ns)
+{
+    long long duration_ns = end_ns - self->start_ns;
+    PyObject *value = PyObject_GetAttr(self->binding, s_compress_ns);
+    if (value == NULL) {
+        return -1;
+    }
+    long long compress_ns = as_ll(value);
+    Py_DECREF(value);
+    if (compress_ns == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (duration_ns > compress_ns) {
+        return 0;
+    }
+    PyObject *budgets = PyObject_GetAttr(self->binding, s_budgets);
+    if (budgets == NULL) {
+        return -1;
+    }
+    PyObject *budget = PyObject_CallMethodOneArg(budgets, s_get, self->name);
+    Py_DECREF(budgets);
+    if (budget == NULL) {
+        return -1;
+    }
+    if (budget != Py_None) {
+        double seconds = PyFloat_AsDouble(budget);
+        Py_DECREF(budget);
+        if (seconds == -1.0 && PyErr_Occurred()) {
+            return -1;
+        }
+        if ((double)duration_ns > seconds * 1e9) {
+            return 0;
+        }
+    }
+    else {
+        Py_DECREF(budget);
+    }
+    PyObject *held = PyObject_GetAttr(self->tally, s_held);
+    if (held == NULL) {
+        return -1;
+    }
+    Py_DECREF(held); /* identity only */
+    return held == self->joined;
+}
+
 static PyObject *
 core_finish_at(StageCore *self, long long end_ns, PyObject *exc)
 {
@@ -459,12 +806,7 @@ core_finish_at(StageCore *self, long long end_ns, PyObject *exc)
     if (tally != NULL && tally != Py_None && exc == Py_None) {
         int hot = 1;
         if (self->joined != NULL && self->joined != Py_None) {
-            PyObject *stays = call_with_ns((PyObject *)self, s__stays_joined, end_ns, NULL);
-            if (stays == NULL) {
-                return NULL;
-            }
-            hot = PyObject_IsTrue(stays);
-            Py_DECREF(stays);
+            hot = stays_joined(self, end_ns);
             if (hot < 0) {
                 return NULL;
             }
@@ -520,7 +862,7 @@ core_finish(StageCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *
         }
         exc = args[nargs + i];
     }
-    long long end_ns = PyLong_AsLongLong(end);
+    long long end_ns = as_ll(end);
     if (end_ns == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -682,8 +1024,8 @@ merged_intervals(PyObject *sequence, long long floor, Interval **out, Py_ssize_t
         PyObject *item = PySequence_Fast_GET_ITEM(items, i);
         long long lo, hi;
         if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2) {
-            lo = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
-            hi = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
+            lo = as_ll(PyTuple_GET_ITEM(item, 0));
+            hi = as_ll(PyTuple_GET_ITEM(item, 1));
         }
         else {
             PyObject *pair = PySequence_Tuple(item);
@@ -694,8 +1036,8 @@ merged_intervals(PyObject *sequence, long long floor, Interval **out, Py_ssize_t
                 Py_XDECREF(pair);
                 goto failed;
             }
-            lo = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 0));
-            hi = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+            lo = as_ll(PyTuple_GET_ITEM(pair, 0));
+            hi = as_ll(PyTuple_GET_ITEM(pair, 1));
             Py_DECREF(pair);
         }
         if (PyErr_Occurred()) {
@@ -785,7 +1127,7 @@ union_ns(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "union_ns(intervals, start_ns, end_ns)");
         return NULL;
     }
-    long long start = PyLong_AsLongLong(args[1]), end = PyLong_AsLongLong(args[2]);
+    long long start = as_ll(args[1]), end = as_ll(args[2]);
     if (PyErr_Occurred()) {
         return NULL;
     }
@@ -813,7 +1155,7 @@ settle_intervals(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "settle_intervals(intervals, floor, keep)");
         return NULL;
     }
-    long long floor = PyLong_AsLongLong(args[1]);
+    long long floor = as_ll(args[1]);
     Py_ssize_t keep = PyLong_AsSsize_t(args[2]);
     if (PyErr_Occurred()) {
         return NULL;
@@ -850,15 +1192,19 @@ static PyObject *
 bind(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"frame",         "loop",           "gc_pending", "drain_gc", "failed",
-                               "max_unsettled", "fresh_scope_ns", "clock_namespace", NULL};
-    PyObject *frame, *loop, *gc_pending, *drain_gc, *failed, *clock_namespace;
+                               "max_unsettled", "fresh_scope_ns", "clock_namespace",
+                               "get_context", NULL};
+    PyObject *frame, *loop, *gc_pending, *drain_gc, *failed, *clock_namespace, *get_context;
     Py_ssize_t max_unsettled;
     long long fresh_scope_ns;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOnLO!:bind", keywords, &frame, &loop,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOnLO!O:bind", keywords, &frame, &loop,
                                      &gc_pending, &drain_gc, &failed, &max_unsettled,
-                                     &fresh_scope_ns, &PyDict_Type, &clock_namespace)) {
+                                     &fresh_scope_ns, &PyDict_Type, &clock_namespace,
+                                     &get_context)) {
         return NULL;
     }
+    Py_INCREF(get_context);
+    Py_XSETREF(GET_CONTEXT, get_context);
     Py_INCREF(clock_namespace);
     Py_XSETREF(CLOCK_NAMESPACE, clock_namespace);
     if (!PyContextVar_CheckExact(frame)) {
@@ -893,7 +1239,7 @@ module_now_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
 static PyMethodDef module_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS,
      "bind(*, frame, loop, gc_pending, drain_gc, failed, max_unsettled, fresh_scope_ns, "
-     "clock_namespace): "
+     "clock_namespace, get_context): "
      "the stages module's state the hot path reads."},
     {"merge_intervals", merge_intervals, METH_O,
      "merge_intervals(intervals): sorted, disjoint intervals covering the same points."},
@@ -942,7 +1288,18 @@ PyInit__speedups(void)
     INTERN(s_intervals, "intervals");
     INTERN(s_settle, "settle");
     INTERN(s__instrumentation_ns, "_instrumentation_ns");
-    INTERN(s__stays_joined, "_stays_joined");
+    INTERN(s_held, "held");
+    INTERN(s_compressible, "compressible");
+    INTERN(s_context, "context");
+    INTERN(s_seq, "seq");
+    INTERN(s_span_seq, "span_seq");
+    INTERN(s_compress_ns, "compress_ns");
+    INTERN(s_budgets, "budgets");
+    INTERN(s_get, "get");
+    INTERN(s_calls, "calls");
+    INTERN(s_busy_ns, "busy_ns");
+    INTERN(s_end_ns, "end_ns");
+    INTERN(s_end_wall_ns, "end_wall_ns");
     INTERN(s__finish_slow, "_finish_slow");
     INTERN(s_stage_enter, "stage-enter");
     INTERN(s_stage_exit, "stage-exit");
@@ -959,6 +1316,17 @@ PyInit__speedups(void)
     }
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL) {
+        return NULL;
+    }
+    HeldSpanType = (PyTypeObject *)PyType_FromSpec(&held_spec);
+    if (HeldSpanType == NULL) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(HeldSpanType);
+    if (PyModule_AddObject(module, "HeldSpan", (PyObject *)HeldSpanType) < 0) {
+        Py_DECREF(HeldSpanType);
+        Py_DECREF(module);
         return NULL;
     }
     PyObject *core = PyType_FromSpec(&core_spec);

@@ -154,7 +154,7 @@ class RequestAccount:
         # ``lock``: a CUDA-timed stage is recorded from the resolver thread.
         self.tallies: dict[tuple[str, str | None], StageTally] = {}
         # Figures summed over the request, recorded when it ends (record_per_request).
-        self.sums: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
+        self.sums: dict[Any, list[Any]] = {}
         self.lock = threading.Lock()
         self.closed = False  # recorded: later records are single calls
         self.spans = 0  # stage spans opened in this request (the cap counts them)
@@ -554,26 +554,19 @@ class StageRecorder:
         self, instrument: Any, value: float, attributes: Mapping[str, Any]
     ) -> None:
         """Record ``value`` into ``instrument`` (a histogram or a counter) for the
-        current request: inside an open request, values with the same attributes are
-        summed and recorded once when it ends (a request's bytes serialised over 500
-        small calls is one record, not 500); outside a request, now. Never raises."""
-        try:
-            frame = _FRAME.get()
-            account = None if frame is None else frame[0]
-            if account is not None and not account.closed:
-                # No lock: under the GIL the sum's update is one step, and setdefault
-                # keeps the entry a racing thread made.
-                key = (id(instrument), tuple(attributes.items()))
-                entry = account.sums.get(key)
-                if entry is None:
-                    entry = account.sums.setdefault(key, [instrument, attributes, 0])
-                entry[2] += value
-                return
-            _emit(instrument, value, attributes)
-        except Exception:
-            log_once(
-                "per-request", "otel-inference: failed to record a figure", level=logging.ERROR
-            )
+        current request: inside an open request, values with the same instrument and
+        attributes are summed and recorded once when it ends (a request's bytes
+        serialised over 500 small calls is one record, not 500); outside a request,
+        now. Never raises. For a figure added on every call of a hot path, make a
+        :meth:`request_sum` once instead."""
+        _add_per_request((id(instrument), *attributes.items()), instrument, value, attributes)
+
+    def request_sum(
+        self, factory: Callable[[metrics.Meter], Any], field: str, attributes: Mapping[str, Any]
+    ) -> RequestSum:
+        """A figure summed per request into ``getattr(self.instruments(factory), field)``
+        with ``attributes``: made once, then ``add(value)`` per call."""
+        return RequestSum(self, factory, field, attributes)
 
     def adopt_request(self) -> AdoptedRequestScope:
         """Account the stages of a request whose span another instrumentation owns
@@ -924,7 +917,22 @@ class _PyStageCore:
                 self._cold = account.cold
                 tally = account.tallies.get((self._name, parent)) or self._new_tally(account)  # type: ignore[attr-defined]
                 if account.recording:
-                    self._enter_sampled(binding, account, tally)  # type: ignore[attr-defined]
+                    context = otel_context.get_current()
+                    self._metric_context = self._outer_context = context
+                    held = tally.held
+                    if (
+                        held is not None
+                        and held.compressible
+                        and held.context is context
+                        and held.seq == account.span_seq
+                    ):
+                        # A consecutive short call of the stage joins its held span
+                        # (compression); finish() checks that it stays short.
+                        self._joined = held
+                        if binding.call_duration is None:
+                            self._tally = tally
+                    else:
+                        self._enter_sampled(binding, account, context)  # type: ignore[attr-defined]
                 elif binding.call_duration is None:
                     self._tally = tally  # finish() only counts the call
             self._frame_token = _FRAME.set((account, self._name))
@@ -998,6 +1006,7 @@ def _compiled_core() -> type | None:
         max_unsettled=_UNSETTLED,
         fresh_scope_ns=_FRESH_SCOPE_NS,
         clock_namespace=globals(),
+        get_context=otel_context.get_current,
     )
     return SPEEDUPS.StageCore
 
@@ -1030,22 +1039,11 @@ class StageScope(_StageCore, _Scope):  # type: ignore[misc, valid-type]
             (self._name, self._parent), StageTally(self._name, self._parent, self._cold)
         )
 
-    def _enter_sampled(self, binding: _Binding, account: RequestAccount, tally: StageTally) -> None:
-        """Inside a sampled request: join the stage's held span (a consecutive short
-        call: compression), or take one of the request's spans (the cap), or none."""
-        context = otel_context.get_current()
-        self._metric_context = self._outer_context = context
-        held = tally.held
-        if (
-            held is not None
-            and held.compressible
-            and held.context is context
-            and held.seq == account.span_seq
-        ):
-            self._joined = held
-            if binding.call_duration is None:
-                self._tally = tally  # finish() joins it when the call stays short
-            return
+    def _enter_sampled(
+        self, binding: _Binding, account: RequestAccount, context: otel_context.Context
+    ) -> None:
+        """Inside a sampled request, a call that cannot join its stage's held span:
+        take one of the request's spans (the cap), or none."""
         if not trace.get_current_span(context).is_recording():
             return
         if account.take_span(binding.max_spans):
@@ -1346,7 +1344,77 @@ def _end_held(held: HeldSpan, budget: float | None, exceeded: bool) -> None:
         if budget is not None:
             span.set_attribute(semconv.INFERENCE_BUDGET, budget)
             span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
-    span.end(end_time=held.end_wall_ns)
+    _end_span(span, held.end_wall_ns)
+
+
+def _end_span(span: Span, end_time_ns: int) -> None:
+    """End a stage span with instrumentation suppressed: a synchronous span processor
+    exports here, and its work (a JSON dump, an HTTP call) is not a stage of ours."""
+    with suppress_instrumentation():
+        span.end(end_time=end_time_ns)
+
+
+class RequestSum:
+    """A figure summed over each request and recorded once when it ends, e.g. the
+    bytes of a request's 500 small dumps (:meth:`StageRecorder.request_sum`).
+    Outside a request every value is recorded at once.
+
+    Usage::
+
+        size = recorder.request_sum(create_instruments, "size", {"format": "json"})
+        size.add(len(payload))          # per call: a dict lookup and an addition
+    """
+
+    __slots__ = ("_attributes", "_factory", "_field", "_recorder")
+
+    def __init__(
+        self,
+        recorder: StageRecorder,
+        factory: Callable[[metrics.Meter], Any],
+        field: str,
+        attributes: Mapping[str, Any],
+    ) -> None:
+        self._recorder = recorder
+        self._factory = factory
+        self._field = field
+        self._attributes = attributes
+
+    def instrument(self) -> Any:
+        """The instrument, for the recorder's current configuration."""
+        return getattr(self._recorder.instruments(self._factory), self._field)
+
+    def add(self, value: float) -> None:
+        """Add ``value`` to the current request's sum (never raises)."""
+        # Keyed by this object: no key to build per call. Sums of two handles for one
+        # series are merged when the request ends.
+        _add_per_request(self, None, value, self._attributes, self)
+
+
+def _add_per_request(
+    key: Any,
+    instrument: Any,
+    value: float,
+    attributes: Mapping[str, Any],
+    handle: RequestSum | None = None,
+) -> None:
+    """Add ``value`` to the current request's sum under ``key`` (recorded when the
+    request ends), or record it now outside a request."""
+    try:
+        frame = _FRAME.get()
+        if frame is not None:
+            account = frame[0]
+            if account is not None and not account.closed:
+                # No lock: under the GIL the sum's update is one step, and setdefault
+                # keeps the entry a racing thread made.
+                entry = account.sums.get(key)
+                if entry is None:
+                    made = [instrument or handle.instrument(), attributes, 0]  # type: ignore[union-attr]
+                    entry = account.sums.setdefault(key, made)
+                entry[2] += value
+                return
+        _emit(instrument or handle.instrument(), value, attributes)  # type: ignore[union-attr]
+    except Exception:
+        log_once("per-request", "otel-inference: failed to record a figure", level=logging.ERROR)
 
 
 def _emit(instrument: Any, value: float, attributes: Mapping[str, Any]) -> None:
@@ -1375,7 +1443,15 @@ def _record_account(
     tallies: list[StageTally],
     request_span: Span | None,
 ) -> None:
+    totals: dict[tuple[Any, ...], list[Any]] = {}
     for instrument, attributes, value in account.sums.values():
+        series = (id(instrument), *attributes.items())  # one record per series
+        total = totals.get(series)
+        if total is None:
+            totals[series] = [instrument, attributes, value]
+        else:
+            total[2] += value
+    for instrument, attributes, value in totals.values():
         _emit(instrument, value, attributes)
     breached: list[str] = []
     for tally in tallies:
@@ -1421,7 +1497,7 @@ def _finish_span(
             span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED, exceeded)
         if exc is not None:
             _mark_error(span, exc, binding.exception_messages)
-    span.end(end_time=end_time_ns)
+    _end_span(span, end_time_ns)
 
 
 def _frames(exc: BaseException) -> str:

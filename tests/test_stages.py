@@ -142,9 +142,11 @@ def test_instrumentation_time_is_not_blamed_on_the_app(telemetry):
     ours = request_span.attributes["inference.instrumentation.duration"]
     unattributed = request_span.attributes["inference.unattributed.duration"]
     assert ours > 0
-    # What is left is the loop and the ``with`` protocol around each stage (well under
-    # a microsecond a call): the application's, and small beside ours.
-    assert unattributed < ours / 3
+    # What is left is the loop, the ``with`` protocol and the scope's allocation and
+    # release around each stage (under a microsecond a call), which no clock inside the
+    # stage can see: the application's, and smaller than ours (~1.5 us a call sampled
+    # on the compiled core, ~3 us on the Python one; our first span's set-up included).
+    assert unattributed < ours
 
 
 def test_request_unattributed_uses_union_of_concurrent_stages(telemetry):

@@ -22,6 +22,7 @@ histogram record only, whatever the payload size.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.metrics import Histogram, Meter
@@ -103,9 +105,14 @@ class Target:
     format: str  # json | msgpack
     library: str  # orjson, json, msgpack, starlette, fastapi...
 
-    @property
+    @functools.cached_property
     def is_serialize(self) -> bool:
         return self.stage == semconv.SERIALIZE
+
+    @functools.cached_property
+    def size_attributes(self) -> dict[str, Any]:
+        """``inference.serialize.size``'s attributes (made once: a record per call)."""
+        return {semconv.INFERENCE_SERIALIZE_FORMAT: self.format}
 
     def span_attributes(self, size: int | None) -> dict[str, Any]:
         if self.is_serialize:
@@ -126,9 +133,27 @@ class Target:
         return attributes
 
 
+# ``is_instrumentation_enabled()`` for the last OpenTelemetry context it was asked
+# about. Suppression is set by attaching a new context, so one context object always
+# gets the same answer; a per-item loop asks hundreds of times in one context, and the
+# check costs as much as a small dumps. One tuple: read and replaced atomically.
+_ENABLED_IN: tuple[object, bool] = (None, True)
+
+
+def _instrumentation_enabled() -> bool:
+    global _ENABLED_IN
+    current = otel_context.get_current()
+    cached = _ENABLED_IN
+    if cached[0] is current:
+        return cached[1]
+    enabled = is_instrumentation_enabled()
+    _ENABLED_IN = (current, enabled)
+    return enabled
+
+
 def _should_record() -> bool:
     """At the top level of a request (not inside another stage, nor our own recording)."""
-    if _RECORDING.get() or not is_instrumentation_enabled():
+    if _RECORDING.get() or not _instrumentation_enabled():
         return False
     frame = current_frame()
     if frame is None:
@@ -143,9 +168,7 @@ def _record_size(recorder: StageRecorder, target: Target, size: int | None) -> N
     outside a request."""
     if size is not None and target.is_serialize:
         recorder.record_per_request(
-            recorder.instruments(create_instruments).size,
-            size,
-            {semconv.INFERENCE_SERIALIZE_FORMAT: target.format},
+            recorder.instruments(create_instruments).size, size, target.size_attributes
         )
 
 
@@ -161,46 +184,57 @@ def _finish(
     or in (parse). Sizing it is our work, not the stage's."""
     try:
         size = None if exc is not None else payload_size(payload)
-        if scope.may_end_spans:
-            # Ending a span can run an exporter that serialises: not a stage of ours.
-            flag = _RECORDING.set(True)
-            try:
-                if scope.is_recording:
-                    for key, value in target.span_attributes(size).items():
-                        scope.set_attribute(key, value)
-                scope.finish(end_ns, exc)
-            finally:
-                _RECORDING.reset(flag)
-        else:
-            scope.finish(end_ns, exc)
-        _record_size(recorder, target, size)
+        if scope.is_recording:
+            for key, value in target.span_attributes(size).items():
+                scope.set_attribute(key, value)
+        # Spans it ends are ended with instrumentation suppressed (stages._end_span):
+        # an exporter's own serialising is not recorded as a stage.
+        scope.finish(end_ns, exc)
+        if size is not None and target.is_serialize:  # _record_size, one call fewer
+            recorder.record_per_request(
+                recorder.instruments(create_instruments).size, size, target.size_attributes
+            )
     except Exception:
-        log_once(
-            "serializers-record",
-            "otel-inference: failed to record a %s stage",
-            target.stage,
-            level=logging.ERROR,
-        )
+        _failed(target)
 
 
-def _payload(target: Target, result: Any, args: Any, kwargs: Any) -> Any:
-    return result if target.is_serialize else first_argument(args, kwargs)
+def _failed(target: Target) -> None:
+    log_once(
+        "serializers-record",
+        "otel-inference: failed to record a %s stage",
+        target.stage,
+        level=logging.ERROR,
+    )
 
 
 def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]:
     """A ``wrapt`` wrapper for a synchronous (de)serialiser."""
+    stage_name, is_serialize = target.stage, target.is_serialize
+    size_sum = recorder.request_sum(create_instruments, "size", target.size_attributes)
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if not _should_record():
             return wrapped(*args, **kwargs)
-        scope = recorder.start(target.stage)
+        scope = StageScope(recorder, stage_name, None)
+        scope.__enter__()
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
             _finish(recorder, target, scope, perf_counter_ns(), exc, None)
             raise
         end_ns = perf_counter_ns()
-        _finish(recorder, target, scope, end_ns, None, _payload(target, result, args, kwargs))
+        # _finish, inlined: this runs for every small dumps of a per-item loop.
+        try:
+            # The bytes out (serialize) or in (parse): sized after the stage's end.
+            size = payload_size(result if is_serialize else first_argument(args, kwargs))
+            if scope.is_recording:
+                for key, value in target.span_attributes(size).items():
+                    scope.set_attribute(key, value)
+            scope.finish(end_ns, None)
+            if size is not None and is_serialize:
+                size_sum.add(size)
+        except Exception:
+            _failed(target)
         return result
 
     return wrapper
