@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <math.h>
 #include <time.h>
 
 typedef struct {
@@ -70,6 +71,21 @@ as_ll(PyObject *value)
         return -1;
     }
     return result;
+}
+
+/* Nanoseconds given as an int, or a float (rounded), as the Python HeldSpan took. */
+static long long
+ns_of(PyObject *value)
+{
+    if (PyFloat_Check(value)) {
+        double number = PyFloat_AS_DOUBLE(value);
+        if (!(number > -9.2e18 && number < 9.2e18)) {
+            PyErr_SetString(PyExc_OverflowError, "a nanosecond value beyond 64 bits");
+            return -1;
+        }
+        return llround(number);
+    }
+    return as_ll(value);
 }
 
 static PyObject *CLOCK_NAMESPACE = NULL; /* stages' globals: a patched perf_counter_ns wins */
@@ -133,12 +149,15 @@ held_init(HeldSpan *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"span",         "start_ns", "end_ns", "end_wall_ns",
                                "compressible", "context",  "seq",    NULL};
-    PyObject *span, *context;
-    long long start_ns, end_ns, end_wall_ns, seq;
+    PyObject *span, *context, *start, *end, *end_wall, *seq_number;
     int compressible;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLLLpOL:HeldSpan", keywords, &span,
-                                     &start_ns, &end_ns, &end_wall_ns, &compressible, &context,
-                                     &seq)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOpOO:HeldSpan", keywords, &span, &start,
+                                     &end, &end_wall, &compressible, &context, &seq_number)) {
+        return -1;
+    }
+    long long start_ns = ns_of(start), end_ns = ns_of(end), end_wall_ns = ns_of(end_wall),
+              seq = ns_of(seq_number);
+    if (PyErr_Occurred()) {
         return -1;
     }
     Py_INCREF(span);
