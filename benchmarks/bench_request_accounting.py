@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from benchmarks.harness import Benchmark
 from otel_inference import StageRecorder, configure, get_recorder, request
 from otel_inference.instrumentation.serializers import SerializersInstrumentor
+from otel_inference.stages import python_core_stage_scope
 
 
 def _recorder(sampler) -> tuple[StageRecorder, TracerProvider, MeterProvider]:
@@ -44,8 +45,13 @@ def _bare_pair(n: int) -> None:
         perf_counter_ns()
 
 
-def _repeated_in_one_request(recorder: StageRecorder):
+def _repeated_in_one_request(recorder: StageRecorder, python_core: bool = False):
     stage_ = recorder.stage
+    if python_core:  # the same call shape, on the pure-Python core
+        scope_type = python_core_stage_scope()
+
+        def stage_(name: str, **attributes):
+            return scope_type(recorder, name, attributes)
 
     def run(n: int) -> int:
         with recorder.request():
@@ -75,6 +81,12 @@ def repeated_calls() -> list[str]:
     bench.case("perf_counter_ns pair", bare)
     bench.case("stage() repeated, unsampled request", _repeated_in_one_request(unsampled))
     bench.case("stage() repeated, sampled request", _repeated_in_one_request(sampled))
+    bench.case(
+        "Python core: repeated, unsampled", _repeated_in_one_request(unsampled, python_core=True)
+    )
+    bench.case(
+        "Python core: repeated, sampled", _repeated_in_one_request(sampled, python_core=True)
+    )
     result = bench.run(ops=20_000, rounds=15, self_timed=True, clock=thread_time_ns)
     unsampled_us = result.added_us("stage() repeated, unsampled request")
     sampled_us = result.added_us("stage() repeated, sampled request")
@@ -85,7 +97,9 @@ def repeated_calls() -> list[str]:
         f"A repeated call adds {unsampled_us:.2f} us unsampled (target <= 1.5 us: "
         f"{'MET' if unsampled_us <= 1.5 else 'MISSED'}) and {sampled_us:.2f} us sampled, "
         f"compressed (target <= 3 us: {'MET' if sampled_us <= 3 else 'MISSED'}); one span "
-        f"stood for {compressed} calls."
+        f"stood for {compressed} calls. The pure-Python core (OTEL_INFERENCE_SPEEDUPS=false), "
+        f"same run: {result.added_us('Python core: repeated, unsampled'):.2f} us unsampled, "
+        f"{result.added_us('Python core: repeated, sampled'):.2f} us sampled."
     )
     result.write()
     return [result.markdown()]

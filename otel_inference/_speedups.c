@@ -969,6 +969,21 @@ static PyMemberDef core_members[] = {
     {NULL},
 };
 
+static PyObject *
+core_is_recording(StageCore *self, void *Py_UNUSED(closure))
+{
+    if (self->span == NULL || self->span == Py_None) {
+        Py_RETURN_FALSE;
+    }
+    return PyObject_CallMethod(self->span, "is_recording", NULL);
+}
+
+static PyGetSetDef core_getset[] = {
+    {"is_recording", (getter)core_is_recording, NULL,
+     "True when this stage has a sampled span (worth computing costly attributes).", NULL},
+    {NULL},
+};
+
 static PyMethodDef core_methods[] = {
     {"__enter__", (PyCFunction)core_enter, METH_NOARGS, "Open the stage."},
     {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL,
@@ -986,6 +1001,7 @@ static PyType_Slot core_slots[] = {
     {Py_tp_traverse, core_traverse},
     {Py_tp_clear, core_clear},
     {Py_tp_members, core_members},
+    {Py_tp_getset, core_getset},
     {Py_tp_methods, core_methods},
     {0, NULL},
 };

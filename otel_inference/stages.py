@@ -952,6 +952,11 @@ class _PyStageCore:
         self.finish(perf_counter_ns(), exc)
         return False
 
+    @property
+    def is_recording(self) -> bool:
+        """True when this stage has a sampled span (worth computing costly attributes)."""
+        return self._span is not None and self._span.is_recording()
+
     def finish(self, end_ns: int, exc: BaseException | None = None) -> None:
         """Close the stage as having ended at ``end_ns`` (``perf_counter_ns``): for an
         instrumentor that timed the call itself and did some work of its own since
@@ -1093,11 +1098,6 @@ class StageScope(_StageCore, _Scope):  # type: ignore[misc, valid-type]
         # Attached even when the root span is not sampled, so that nested stages
         # see a valid parent and take the cheap path instead of starting roots.
         self._context_token = otel_context.attach(span_context)
-
-    @property
-    def is_recording(self) -> bool:
-        """True when this stage has a sampled span (worth computing costly attributes)."""
-        return self._span is not None and self._span.is_recording()
 
     @property
     def may_end_spans(self) -> bool:
@@ -1292,6 +1292,21 @@ class StageScope(_StageCore, _Scope):  # type: ignore[misc, valid-type]
         _hold(tally, held)
 
 
+@functools.cache
+def python_core_stage_scope() -> type:
+    """:class:`StageScope` on the pure-Python core, whichever core ``StageScope`` runs
+    on: the same methods off the hot path. For same-process comparisons of the two
+    cores (the parity tests, ``benchmarks/bench_request_accounting.py``)."""
+    if _StageCore is _PyStageCore:
+        return StageScope
+    methods = {
+        key: value
+        for key, value in vars(StageScope).items()
+        if key not in ("__slots__", "__dict__", "__weakref__", "__module__", "__doc__")
+    }
+    return type("PyStageScope", (_PyStageCore, _Scope), {"__slots__": (), **methods})
+
+
 def _hold(tally: StageTally, held: HeldSpan) -> None:
     """Make ``held`` the stage's latest span; the one it replaces ends (no verdict:
     only the last span of the stage in the request carries it)."""
@@ -1387,6 +1402,17 @@ class RequestSum:
         """Add ``value`` to the current request's sum (never raises)."""
         # Keyed by this object: no key to build per call. Sums of two handles for one
         # series are merged when the request ends.
+        try:
+            frame = _FRAME.get()
+            if frame is not None:
+                account = frame[0]
+                if account is not None and not account.closed:
+                    entry = account.sums.get(self)
+                    if entry is not None:
+                        entry[2] += value  # one step under the GIL
+                        return
+        except Exception:
+            pass  # _add_per_request logs it
         _add_per_request(self, None, value, self._attributes, self)
 
 

@@ -43,20 +43,6 @@ def compiled():
     return _speedups
 
 
-def python_scope_type() -> type:
-    """StageScope on the pure-Python core: the same methods off the hot path."""
-    methods = {
-        key: value
-        for key, value in vars(stages_module.StageScope).items()
-        if key not in ("__slots__", "__dict__", "__weakref__", "__module__", "__doc__")
-    }
-    return type(
-        "PyStageScope",
-        (stages_module._PyStageCore, stages_module._Scope),
-        {"__slots__": (), **methods},
-    )
-
-
 def test_stages_run_on_the_compiled_core_when_it_is_built():
     compiled()
     assert stages_module.STAGE_CORE == "compiled"
@@ -177,7 +163,7 @@ def _telemetry(sampler, scope_type: type) -> tuple[dict, list]:
 def test_compiled_core_records_what_the_python_core_records(sampler):
     compiled()
     compiled_points, compiled_spans = _telemetry(sampler, stages_module.StageScope)
-    python_points, python_spans = _telemetry(sampler, python_scope_type())
+    python_points, python_spans = _telemetry(sampler, stages_module.python_core_stage_scope())
     assert compiled_points == python_points
     assert compiled_spans == python_spans
     calls = {k: v for k, v in compiled_points.items() if k[0] == "inference.stage.calls"}
@@ -225,7 +211,9 @@ def test_the_hot_path_leaks_no_reference():
 
 @pytest.mark.parametrize("core", ["compiled", "python"])
 def test_a_failure_on_the_hot_path_is_logged_once_never_raised(core, caplog, monkeypatch):
-    scope_type = stages_module.StageScope if core == "compiled" else python_scope_type()
+    scope_type = (
+        stages_module.StageScope if core == "compiled" else stages_module.python_core_stage_scope()
+    )
     if core == "compiled":
         compiled()
     monkeypatch.setattr(_logging, "_logged_once", set())

@@ -226,7 +226,8 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
         # _finish, inlined: this runs for every small dumps of a per-item loop.
         try:
             # The bytes out (serialize) or in (parse): sized after the stage's end.
-            size = payload_size(result if is_serialize else first_argument(args, kwargs))
+            payload = result if is_serialize else first_argument(args, kwargs)
+            size = len(payload) if type(payload) is bytes else payload_size(payload)
             if scope.is_recording:
                 for key, value in target.span_attributes(size).items():
                     scope.set_attribute(key, value)
