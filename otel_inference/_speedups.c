@@ -54,7 +54,7 @@ static PyObject *s__binding, *s__bind, *s__enter_alone, *s__new_tally, *s__enter
     *s_cold, *s_tallies, *s_recording, *s_call_duration, *s_started, *s_stage_probe, *s_closed,
     *s_record, *s_union, *s_intervals, *s_settle, *s__instrumentation_ns,
     *s__finish_slow, *s_stage_enter, *s_stage_exit, *s_perf_counter_ns, *s_held, *s_compressible,
-    *s_context, *s_seq, *s_span_seq, *s_compress_ns, *s_budgets, *s_get, *s_calls, *s_busy_ns,
+    *s_context, *s_seq, *s_span_seq, *s_limit_ns, *s_calls, *s_busy_ns,
     *s_end_ns, *s_end_wall_ns;
 
 /* time.perf_counter_ns(): CLOCK_MONOTONIC on Linux for CPython 3.10-3.13 (checked
@@ -139,6 +139,7 @@ typedef struct {
     long long calls;
     long long busy_ns;
     long long seq;
+    long long limit_ns; /* the longest call that may join it */
     char compressible;
 } HeldSpan;
 
@@ -147,12 +148,14 @@ static PyTypeObject *HeldSpanType = NULL;
 static int
 held_init(HeldSpan *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"span",         "start_ns", "end_ns", "end_wall_ns",
-                               "compressible", "context",  "seq",    NULL};
+    static char *keywords[] = {"span",    "start_ns", "end_ns",   "end_wall_ns", "compressible",
+                               "context", "seq",      "limit_ns", NULL};
     PyObject *span, *context, *start, *end, *end_wall, *seq_number;
     int compressible;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOpOO:HeldSpan", keywords, &span, &start,
-                                     &end, &end_wall, &compressible, &context, &seq_number)) {
+    long long limit_ns = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOpOO|L:HeldSpan", keywords, &span, &start,
+                                     &end, &end_wall, &compressible, &context, &seq_number,
+                                     &limit_ns)) {
         return -1;
     }
     long long start_ns = ns_of(start), end_ns = ns_of(end), end_wall_ns = ns_of(end_wall),
@@ -171,6 +174,7 @@ held_init(HeldSpan *self, PyObject *args, PyObject *kwargs)
     self->busy_ns = end_ns - start_ns; /* the calls' summed time */
     self->compressible = (char)compressible;
     self->seq = seq;
+    self->limit_ns = limit_ns;
     return 0;
 }
 
@@ -236,6 +240,7 @@ static PyMemberDef held_members[] = {
     {"calls", T_LONGLONG, offsetof(HeldSpan, calls), 0, NULL},
     {"busy_ns", T_LONGLONG, offsetof(HeldSpan, busy_ns), 0, NULL},
     {"seq", T_LONGLONG, offsetof(HeldSpan, seq), 0, NULL},
+    {"limit_ns", T_LONGLONG, offsetof(HeldSpan, limit_ns), 0, NULL},
     {"compressible", T_BOOL, offsetof(HeldSpan, compressible), 0, NULL},
     {NULL},
 };
@@ -770,45 +775,28 @@ done:
 }
 
 /* StageScope._stays_joined: a call that joined its stage's held span stays in it
- * when within the compression threshold and the budget, the held span still the
- * stage's latest. 1, 0, or -1. */
+ * when within the span's join limit (the compression threshold, or the budget if
+ * shorter), the held span still the stage's latest. 1, 0, or -1. */
 static int
 stays_joined(StageCore *self, long long end_ns)
 {
-    long long duration_ns = end_ns - self->start_ns;
-    PyObject *value = PyObject_GetAttr(self->binding, s_compress_ns);
-    if (value == NULL) {
-        return -1;
-    }
-    long long compress_ns = as_ll(value);
-    Py_DECREF(value);
-    if (compress_ns == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    if (duration_ns > compress_ns) {
-        return 0;
-    }
-    PyObject *budgets = PyObject_GetAttr(self->binding, s_budgets);
-    if (budgets == NULL) {
-        return -1;
-    }
-    PyObject *budget = PyObject_CallMethodOneArg(budgets, s_get, self->name);
-    Py_DECREF(budgets);
-    if (budget == NULL) {
-        return -1;
-    }
-    if (budget != Py_None) {
-        double seconds = PyFloat_AsDouble(budget);
-        Py_DECREF(budget);
-        if (seconds == -1.0 && PyErr_Occurred()) {
-            return -1;
-        }
-        if ((double)duration_ns > seconds * 1e9) {
-            return 0;
-        }
+    long long limit_ns;
+    if (Py_IS_TYPE(self->joined, HeldSpanType)) {
+        limit_ns = ((HeldSpan *)self->joined)->limit_ns;
     }
     else {
-        Py_DECREF(budget);
+        PyObject *value = PyObject_GetAttr(self->joined, s_limit_ns);
+        if (value == NULL) {
+            return -1;
+        }
+        limit_ns = as_ll(value);
+        Py_DECREF(value);
+        if (limit_ns == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    if (end_ns - self->start_ns > limit_ns) {
+        return 0;
     }
     PyObject *held = PyObject_GetAttr(self->tally, s_held);
     if (held == NULL) {
@@ -1328,9 +1316,7 @@ PyInit__speedups(void)
     INTERN(s_context, "context");
     INTERN(s_seq, "seq");
     INTERN(s_span_seq, "span_seq");
-    INTERN(s_compress_ns, "compress_ns");
-    INTERN(s_budgets, "budgets");
-    INTERN(s_get, "get");
+    INTERN(s_limit_ns, "limit_ns");
     INTERN(s_calls, "calls");
     INTERN(s_busy_ns, "busy_ns");
     INTERN(s_end_ns, "end_ns");

@@ -157,6 +157,7 @@ class _HeldSpan:
         "context",
         "end_ns",
         "end_wall_ns",
+        "limit_ns",
         "seq",
         "span",
         "start_ns",
@@ -171,6 +172,7 @@ class _HeldSpan:
         compressible: bool,
         context: object,
         seq: int,
+        limit_ns: int = 0,
     ) -> None:
         self.span = span
         self.start_ns = start_ns
@@ -183,6 +185,7 @@ class _HeldSpan:
         self.compressible = compressible
         self.context = context
         self.seq = seq
+        self.limit_ns = limit_ns  # the longest call that may join it
 
     def join(self, start_ns: int, end_ns: int) -> None:
         self.calls += 1

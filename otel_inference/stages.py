@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import threading
 import traceback
 import weakref
@@ -718,6 +719,7 @@ class StageRecorder:
             False,  # recorded after the fact: nothing can join it
             captured.context,
             account.span_seq,
+            0,
         )
         _hold(tally, held)
         return new_span.get_span_context() if new_span.is_recording() else None
@@ -1131,13 +1133,10 @@ class StageScope(_StageCore, _Scope):  # type: ignore[misc, valid-type]
         """A call that joined its stage's held span stays in it: successful (the
         caller checked), within the compression threshold and the budget, and the
         held span still the stage's latest. Otherwise it gets a span of its own."""
-        binding = self._binding
-        duration_ns = end_ns - self._start_ns
-        budget = binding.budgets.get(self._name)  # type: ignore[union-attr]
+        joined = self._joined
         return (
-            duration_ns <= binding.compress_ns  # type: ignore[union-attr]
-            and (budget is None or duration_ns <= budget * 1e9)
-            and self._tally.held is self._joined  # type: ignore[union-attr]
+            end_ns - self._start_ns <= joined.limit_ns  # type: ignore[union-attr]
+            and self._tally.held is joined  # type: ignore[union-attr]
         )
 
     def exit_context(self) -> None:
@@ -1288,6 +1287,7 @@ class StageScope(_StageCore, _Scope):  # type: ignore[misc, valid-type]
             compressible,
             self._outer_context,
             account.span_seq,
+            _join_limit_ns(binding, budget),
         )
         _hold(tally, held)
 
@@ -1305,6 +1305,15 @@ def python_core_stage_scope() -> type:
         if key not in ("__slots__", "__dict__", "__weakref__", "__module__", "__doc__")
     }
     return type("PyStageScope", (_PyStageCore, _Scope), {"__slots__": (), **methods})
+
+
+def _join_limit_ns(binding: _Binding, budget: float | None) -> int:
+    """The longest call that may join a held span: the compression threshold, or the
+    stage's budget if shorter (a call over budget always gets its own span). Taken
+    when the span is held: a reconfiguration applies from the stage's next span."""
+    if budget is None:
+        return binding.compress_ns
+    return min(binding.compress_ns, math.floor(budget * 1e9))
 
 
 def _hold(tally: StageTally, held: HeldSpan) -> None:

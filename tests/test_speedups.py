@@ -267,13 +267,14 @@ def test_the_accounting_suite_passes_on_the_python_core(tmp_path):
 def test_held_span_joins_as_the_python_one():
     speedups = compiled()
     rng = random.Random(7)
-    python = accounting._HeldSpan("span", 1_000, 1_500, 9_000, True, "ctx", 4)
-    native = speedups.HeldSpan("span", 1_000, 1_500, 9_000, True, "ctx", 4)
+    python = accounting._HeldSpan("span", 1_000, 1_500, 9_000, True, "ctx", 4, 50_000_000)
+    native = speedups.HeldSpan("span", 1_000, 1_500, 9_000, True, "ctx", 4, 50_000_000)
     for _ in range(200):
         start = rng.randrange(0, 100_000)
         end = start + rng.randrange(0, 3_000)
         python.join(start, end)
         native.join(start, end)
     fields = ("calls", "busy_ns", "start_ns", "end_ns", "end_wall_ns", "seq", "compressible")
+    fields += ("limit_ns",)
     assert {f: getattr(native, f) for f in fields} == {f: getattr(python, f) for f in fields}
     assert (native.span, native.context) == ("span", "ctx")

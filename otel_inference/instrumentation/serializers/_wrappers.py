@@ -213,7 +213,14 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
     size_sum = recorder.request_sum(create_instruments, "size", target.size_attributes)
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not _should_record():
+        # _should_record(), inlined: this runs for every small dumps of a per-item loop.
+        if _RECORDING.get() or not _instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        frame = current_frame()
+        if frame is None or frame[0] is None:
+            if (frame is not None and frame[1] is not None) or not _in_request():
+                return wrapped(*args, **kwargs)
+        elif frame[1] is not None:
             return wrapped(*args, **kwargs)
         scope = StageScope(recorder, stage_name, None)
         scope.__enter__()
