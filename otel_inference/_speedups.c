@@ -398,9 +398,10 @@ can_join(PyObject *held, PyObject *context, PyObject *account)
  * span (compression; finish() checks that it stays short), otherwise
  * StageScope._enter_sampled takes a span for it, or none. 0 or -1. */
 static int
-enter_sampled(StageCore *self, PyObject *binding, PyObject *account, PyObject *tally)
+enter_sampled(StageCore *self, PyObject *binding, PyObject *account, PyObject *tally,
+              PyObject *current)
 {
-    PyObject *context = PyObject_CallNoArgs(GET_CONTEXT);
+    PyObject *context = current != NULL ? Py_NewRef(current) : PyObject_CallNoArgs(GET_CONTEXT);
     if (context == NULL) {
         return -1;
     }
@@ -440,7 +441,7 @@ done:
 
 /* The body of ``__enter__``'s ``try``: 0, or -1 with an exception set. */
 static int
-enter_frame(StageCore *self)
+enter_frame(StageCore *self, PyObject *current)
 {
     PyObject *binding = PyObject_GetAttr(self->recorder, s__binding);
     if (binding == NULL) {
@@ -518,7 +519,7 @@ enter_frame(StageCore *self)
             goto done;
         }
         if (recording) {
-            if (enter_sampled(self, binding, account, tally) < 0) {
+            if (enter_sampled(self, binding, account, tally, current) < 0) {
                 goto done;
             }
         }
@@ -553,7 +554,7 @@ done:
 }
 
 static PyObject *
-core_enter(StageCore *self, PyObject *Py_UNUSED(ignored))
+enter_in(StageCore *self, PyObject *current)
 {
     if (FRAME == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "otel_inference._speedups: bind() was not called");
@@ -572,7 +573,7 @@ core_enter(StageCore *self, PyObject *Py_UNUSED(ignored))
     SET_FIELD(joined, Py_None);
     SET_FIELD(tally, Py_None);
     SET_FIELD(metric_context, Py_None);
-    if (enter_frame(self) < 0) {
+    if (enter_frame(self, current) < 0) {
         /* never break the host application */
         if (swallow_exception(s_stage_enter) < 0) {
             return NULL;
@@ -603,6 +604,21 @@ core_enter(StageCore *self, PyObject *Py_UNUSED(ignored))
     }
     Py_INCREF(self);
     return (PyObject *)self;
+}
+
+static PyObject *
+core_enter(StageCore *self, PyObject *Py_UNUSED(ignored))
+{
+    return enter_in(self, NULL);
+}
+
+/* ``enter_in(context)``: ``__enter__`` for a caller that has just read the current
+ * OpenTelemetry context (the serializers' wrapper, for its suppression check): a
+ * sampled request's stage then does not read it again. */
+static PyObject *
+core_enter_in(StageCore *self, PyObject *context)
+{
+    return enter_in(self, context);
 }
 
 static PyObject *
@@ -974,6 +990,8 @@ static PyGetSetDef core_getset[] = {
 
 static PyMethodDef core_methods[] = {
     {"__enter__", (PyCFunction)core_enter, METH_NOARGS, "Open the stage."},
+    {"enter_in", (PyCFunction)core_enter_in, METH_O,
+     "enter_in(context): open the stage; context is the current OpenTelemetry context."},
     {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL,
      "Close the stage now; exceptions propagate."},
     {"finish", (PyCFunction)(void (*)(void))core_finish, METH_FASTCALL | METH_KEYWORDS,

@@ -897,6 +897,11 @@ class _PyStageCore:
         self._created_ns = perf_counter_ns()
 
     def __enter__(self) -> Any:
+        return self.enter_in(None)
+
+    def enter_in(self, current: otel_context.Context | None) -> Any:
+        """``__enter__`` for a caller that has just read the current OpenTelemetry
+        context (``current``): a sampled request's stage does not read it again."""
         enter_ns = perf_counter_ns()
         if enter_ns - self._created_ns < _FRESH_SCOPE_NS:
             enter_ns = self._created_ns
@@ -919,7 +924,7 @@ class _PyStageCore:
                 self._cold = account.cold
                 tally = account.tallies.get((self._name, parent)) or self._new_tally(account)  # type: ignore[attr-defined]
                 if account.recording:
-                    context = otel_context.get_current()
+                    context = otel_context.get_current() if current is None else current
                     self._metric_context = self._outer_context = context
                     held = tally.held
                     if (

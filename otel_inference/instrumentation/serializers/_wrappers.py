@@ -141,8 +141,12 @@ _ENABLED_IN: tuple[object, bool] = (None, True)
 
 
 def _instrumentation_enabled() -> bool:
+    return _enabled_in(otel_context.get_current())
+
+
+def _enabled_in(current: otel_context.Context) -> bool:
+    """Whether instrumentation is enabled in ``current``, the current context."""
     global _ENABLED_IN
-    current = otel_context.get_current()
     cached = _ENABLED_IN
     if cached[0] is current:
         return cached[1]
@@ -214,7 +218,8 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         # _should_record(), inlined: this runs for every small dumps of a per-item loop.
-        if _RECORDING.get() or not _instrumentation_enabled():
+        current = otel_context.get_current()
+        if _RECORDING.get() or not _enabled_in(current):
             return wrapped(*args, **kwargs)
         frame = current_frame()
         if frame is None or frame[0] is None:
@@ -223,7 +228,7 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
         elif frame[1] is not None:
             return wrapped(*args, **kwargs)
         scope = StageScope(recorder, stage_name, None)
-        scope.__enter__()
+        scope.enter_in(current)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
