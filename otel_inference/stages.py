@@ -1106,12 +1106,6 @@ class StageScope(_StageCore, _Scope):  # type: ignore[misc, valid-type]
         # see a valid parent and take the cheap path instead of starting roots.
         self._context_token = otel_context.attach(span_context)
 
-    @property
-    def may_end_spans(self) -> bool:
-        """Closing it may end spans (its own, or a held one it replaces), and so run
-        a span processor's exporter in this thread."""
-        return self._span is not None or self._joined is not None
-
     def set_attribute(self, key: str, value: Any) -> None:
         """Set a span attribute (no-op on the unsampled path)."""
         span = self._span
