@@ -29,6 +29,7 @@ from otel_inference._compiled import SPEEDUPS
 MAX_UNSETTLED_INTERVALS = 4096
 _KEEP_INTERVALS = 64
 _SETTLE_LOCK = threading.Lock()
+_new_union = object.__new__
 
 
 def _merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -80,6 +81,18 @@ else:
 _UNBOUNDED = (-(2**63), 2**63 - 1)
 
 
+class _Settled:
+    """What an :class:`IntervalUnion` settled so far (made at its first settle)."""
+
+    __slots__ = ("calls", "end", "kept", "ns")
+
+    def __init__(self) -> None:
+        self.ns = 0  # the settled intervals' union
+        self.end = -1  # where settled time ends: later intervals are clipped to it
+        self.calls = 0  # intervals settled, kept ones excluded
+        self.kept = 0  # merged intervals left at the head of the list by the last settle
+
+
 class IntervalUnion:
     """The length of a union of intervals and how many were added, in bounded memory.
 
@@ -87,16 +100,16 @@ class IntervalUnion:
     request may add at once. Past ``MAX_UNSETTLED_INTERVALS`` the older intervals are
     settled into a total, under a lock, by the thread that crossed the limit; appends
     racing with it are kept. Intervals that reach back into settled time are clipped
-    to start after it (exact for calls that end in order, give or take overlaps)."""
+    to start after it (exact for calls that end in order, give or take overlaps).
 
-    __slots__ = ("_kept", "_settled_calls", "intervals", "settled_end", "settled_ns")
+    Two fields, so that a stage's first call in a request (which makes one) is cheap:
+    ``intervals``, and ``settled`` (``None`` until the first settle)."""
+
+    __slots__ = ("intervals", "settled")
 
     def __init__(self) -> None:
         self.intervals: list[tuple[int, int]] = []
-        self.settled_ns = 0
-        self.settled_end = -1
-        self._settled_calls = 0
-        self._kept = 0  # merged intervals left at the head of the list by the last settle
+        self.settled: _Settled | None = None
 
     def add(self, start_ns: int, end_ns: int) -> None:
         intervals = self.intervals
@@ -110,38 +123,53 @@ class IntervalUnion:
             taken = len(intervals)
             if taken <= MAX_UNSETTLED_INTERVALS:
                 return  # another thread settled them
+            settled = self.settled
+            if settled is None:
+                settled = _Settled()
             settled_ns, settled_end, kept = settle_intervals(
-                intervals[:taken], self.settled_end, _KEEP_INTERVALS
+                intervals[:taken], settled.end, _KEEP_INTERVALS
             )
             if settled_end is not None:
-                self.settled_ns += settled_ns
-                self.settled_end = settled_end
+                settled.ns += settled_ns
+                settled.end = settled_end
             intervals[:taken] = kept  # one atomic slice assignment: later appends stay
-            self._settled_calls += taken - self._kept
-            self._kept = len(kept)
+            settled.calls += taken - settled.kept
+            settled.kept = len(kept)
+            self.settled = settled
+
+    @property
+    def settled_ns(self) -> int:
+        """The settled intervals' union (0 before the first settle)."""
+        settled = self.settled
+        return 0 if settled is None else settled.ns
 
     @property
     def count(self) -> int:
         """How many intervals were added (settling merges them, the count stays)."""
-        return self._settled_calls + len(self.intervals) - self._kept
+        settled = self.settled
+        if settled is None:
+            return len(self.intervals)
+        return settled.calls + len(self.intervals) - settled.kept
 
     def _clipped(self, intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        floor = self.settled_end
-        if floor < 0:
+        settled = self.settled
+        if settled is None or settled.end < 0:
             return intervals
+        floor = settled.end
         return [(max(lo, floor), hi) for lo, hi in intervals if hi > floor]
 
     def total_ns(self, start_ns: int | None = None, end_ns: int | None = None) -> int:
         """The union's length; the unsettled part clipped to ``[start_ns, end_ns]``."""
+        settled_ns = self.settled_ns
         intervals = self._clipped(self.intervals)
         if not intervals:
-            return self.settled_ns
+            return settled_ns
         if start_ns is None and end_ns is None and len(intervals) == 1:
             lo, hi = intervals[0]
-            return self.settled_ns + hi - lo
+            return settled_ns + hi - lo
         lo = _UNBOUNDED[0] if start_ns is None else start_ns
         hi = _UNBOUNDED[1] if end_ns is None else end_ns
-        return self.settled_ns + union_ns(intervals, lo, hi)
+        return settled_ns + union_ns(intervals, lo, hi)
 
 
 class _HeldSpan:
@@ -212,7 +240,10 @@ class StageTally:
         # The first call's context: the exemplar of the request's record points there.
         self.context = context
         self.error_type: str | None = None
-        self.union = IntervalUnion()
+        # IntervalUnion() without its __init__ call: made once per stage and request.
+        self.union = union = _new_union(IntervalUnion)
+        union.intervals = []
+        union.settled = None
         self.held: HeldSpan | None = None
 
     @property

@@ -176,13 +176,17 @@ class _FastInstrument:
         self._exemplars = None if exemplars == "always_off" else exemplars == "trace_based"
 
     def _series_for(self, attributes: Mapping[str, Any] | None) -> _Series:
-        key = _key(attributes)
         with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = _Series(attributes, self._buckets)
-            if len(self._by_id) < _MAX_CACHED_IDS:
-                self._by_id[id(attributes)] = (attributes, series)
+            return self._series_locked(attributes)
+
+    def _series_locked(self, attributes: Mapping[str, Any] | None) -> _Series:
+        """:meth:`_series_for` with ``_lock`` held."""
+        key = _key(attributes)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(attributes, self._buckets)
+        if len(self._by_id) < _MAX_CACHED_IDS:
+            self._by_id[id(attributes)] = (attributes, series)
         return series
 
     def _sampled(self, context: Context | None) -> Any:
@@ -289,6 +293,86 @@ class FastHistogram(_FastInstrument):
                     exemplar = (amount, time_ns(), span, attributes)
                     with self._lock:
                         series.exemplars[index] = exemplar  # the latest per bucket
+        except Exception:
+            _log_once(
+                "fast-record", "otel-inference: failed to record %s", self.name, level=logging.ERROR
+            )
+
+    def record_pairs(
+        self,
+        other: FastHistogram,
+        rows: Iterable[tuple[float, float, Mapping[str, Any] | None, Context | None]],
+    ) -> None:
+        """For each ``(amount, other_amount, attributes, context)`` row,
+        ``self.record(amount, attributes, context)`` and
+        ``other.record(other_amount, attributes, context)``: the same figures and
+        exemplars, with each instrument's lock taken once for all rows and the
+        exemplar filter judged once per distinct context (a request's end records
+        two histograms per stage, under one or a few contexts)."""
+        if other._exemplars is not self._exemplars or other._lock is self._lock:
+            for amount, other_amount, attributes, context in rows:
+                self.record(amount, attributes, context)
+                other.record(other_amount, attributes, context)
+            return
+        try:
+            filtered = self._exemplars is not None
+            judged: Any = _last_verdict  # a context no row has: the first row is judged
+            span = None
+            by_id, other_by_id = self._by_id, other._by_id
+            boundaries, other_boundaries = self.boundaries, other.boundaries
+            with self._lock, other._lock:
+                # Unrolled for the two instruments: this loop is per stage of a request.
+                for amount, other_amount, attributes, context in rows:
+                    if filtered and context is not judged:
+                        judged = context
+                        span = self._sampled(context)
+                    when = None if span is None else time_ns()
+                    if amount >= 0:
+                        cached = by_id.get(id(attributes))
+                        series = (
+                            cached[1]
+                            if cached is not None and cached[0] is attributes
+                            else self._series_locked(attributes)
+                        )
+                        index = bisect_left(boundaries, amount)
+                        series.counts[index] += 1
+                        series.sum += amount
+                        if amount < series.min:
+                            series.min = amount
+                        if amount > series.max:
+                            series.max = amount
+                        series.count = 1
+                        if when is not None:
+                            series.exemplars[index] = (amount, when, span, attributes)
+                    else:  # as the SDK's histogram: dropped
+                        _log_once(
+                            "fast-negative",
+                            "otel-inference: negative record on %s dropped",
+                            self.name,
+                        )
+                    if other_amount >= 0:
+                        cached = other_by_id.get(id(attributes))
+                        series = (
+                            cached[1]
+                            if cached is not None and cached[0] is attributes
+                            else other._series_locked(attributes)
+                        )
+                        index = bisect_left(other_boundaries, other_amount)
+                        series.counts[index] += 1
+                        series.sum += other_amount
+                        if other_amount < series.min:
+                            series.min = other_amount
+                        if other_amount > series.max:
+                            series.max = other_amount
+                        series.count = 1
+                        if when is not None:
+                            series.exemplars[index] = (other_amount, when, span, attributes)
+                    else:
+                        _log_once(
+                            "fast-negative",
+                            "otel-inference: negative record on %s dropped",
+                            other.name,
+                        )
         except Exception:
             _log_once(
                 "fast-record", "otel-inference: failed to record %s", self.name, level=logging.ERROR

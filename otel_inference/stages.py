@@ -86,7 +86,7 @@ from otel_inference.config import (
     stage_call_durations_enabled,
 )
 from otel_inference.event_loop import loop_monitor
-from otel_inference.fastpath import fast_meter
+from otel_inference.fastpath import FastHistogram, fast_meter
 from otel_inference.metrics import (
     DEFAULT_DURATION_BOUNDARIES,
     StageInstruments,
@@ -192,10 +192,15 @@ class RequestAccount:
 
     def covered_ns(self, start_ns: int, end_ns: int) -> int:
         """Length of the union of top-level stage time, clipped to [start, end]."""
-        unions = [t.union for t in self.tallies.values() if t.parent is None]
-        unions.append(self._covered)
-        settled = sum(u.settled_ns for u in unions)
-        intervals = [i for u in unions for i in u.intervals]
+        covered = self._covered
+        intervals = list(covered.intervals)
+        settled = covered.settled_ns
+        for tally in self.tallies.values():
+            if tally.parent is None:
+                union = tally.union
+                intervals += union.intervals
+                if union.settled is not None:
+                    settled += union.settled.ns
         return settled + union_ns(intervals, start_ns, end_ns) if intervals else settled
 
     def instrumentation_ns(self) -> int:
@@ -1488,23 +1493,46 @@ def _record_account(
     for instrument, attributes, value in totals.values():
         _emit(instrument, value, attributes)
     breached: list[str] = []
+    duration, calls_histogram = binding.duration, binding.calls
+    # The fast path records every stage's time and call count in one batch; the
+    # SDK's instruments record them one by one, in the same order.
+    rows: list[tuple[float, int, dict[str, Any], Any]] | None = (
+        [] if type(duration) is FastHistogram and type(calls_histogram) is FastHistogram else None
+    )
+    attribute_sets = binding._attribute_sets
+    budgets = binding.budgets
     for tally in tallies:
-        if not tally.calls:
-            continue  # opened, not finished yet: recorded as a single call when it is
-        seconds = tally.time_ns() / 1e9
-        attributes = binding.metric_attributes(tally.name, tally.parent, tally.cold)
+        union = tally.union
+        intervals = union.intervals
+        if union.settled is None and len(intervals) == 1:
+            lo, hi = intervals[0]  # a single call: its own length
+            seconds, calls = (hi - lo) / 1e9, 1
+        else:
+            calls = union.count
+            if not calls:
+                continue  # opened, not finished yet: recorded as a single call when it is
+            seconds = union.total_ns() / 1e9
+        name = tally.name
+        attributes = attribute_sets.get(
+            (name, tally.parent, tally.cold)
+        ) or binding.metric_attributes(name, tally.parent, tally.cold)
         if tally.error_type is not None:
             attributes = {**attributes, semconv.ERROR_TYPE: tally.error_type}
-        budget = binding.budgets.get(tally.name)
+        budget = budgets.get(name)
         exceeded = budget is not None and seconds > budget
         if tally.held is not None:
             _end_held(tally.held, budget, exceeded)
             tally.held = None
-        binding.duration.record(seconds, attributes, context=tally.context)
-        binding.calls.record(tally.calls, attributes, context=tally.context)
+        if rows is not None:
+            rows.append((seconds, calls, attributes, tally.context))
+        else:
+            duration.record(seconds, attributes, context=tally.context)
+            calls_histogram.record(calls, attributes, context=tally.context)
         if exceeded:
             binding.breaches.add(1, attributes, context=tally.context)
-            breached.append(tally.name)
+            breached.append(name)
+    if rows:
+        duration.record_pairs(calls_histogram, rows)  # type: ignore[union-attr]
     if request_span is not None and request_span.is_recording():
         if account.spans_dropped:
             request_span.set_attribute(semconv.INFERENCE_SPANS_DROPPED, account.spans_dropped)

@@ -288,6 +288,50 @@ def test_exemplars_point_to_sampled_stages(monkeypatch):
     provider.shutdown()
 
 
+def test_record_pairs_records_what_two_records_do():
+    """A request's end records time and calls of every stage in one batch: the same
+    points, sums, min/max and exemplars as recording each value on its own."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    def context(trace_id: int, sampled: bool):
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled else 0)
+        span = NonRecordingSpan(SpanContext(trace_id, trace_id + 1, False, flags))
+        return trace.set_span_in_context(span)
+
+    sampled, unsampled = context(11, True), context(12, False)
+    shared = {"inference.stage": "tokenize"}
+    rows = [
+        (0.002, 1, shared, sampled),
+        (0.3, 4, {"inference.stage": "model_forward", "error.type": "E"}, sampled),
+        (0.001, 2, shared, unsampled),
+        (-1.0, 3, {"inference.stage": "odd"}, None),  # a negative time is dropped, its calls not
+        (0.05, 1, shared, None),
+        (7.0, 1000, {"inference.stage": "slow"}, sampled),
+    ]
+    exported = []
+    for batched in (False, True):
+        capture = Capture(CUMULATIVE)
+        reader = FastPeriodicExportingMetricReader(capture, export_interval_millis=3_600_000)
+        provider = fastpath.new_provider(RESOURCE, [(reader, CUMULATIVE, CUMULATIVE)])
+        meter = fastpath.fast_meter(provider.get_meter("t"), provider)
+        seconds = meter.create_histogram("t.s", explicit_bucket_boundaries_advisory=(0.01, 0.1, 1))
+        calls = meter.create_histogram("t.calls", explicit_bucket_boundaries_advisory=(1, 2, 5))
+        for _ in range(2):
+            if batched:
+                seconds.record_pairs(calls, rows)
+            else:
+                for amount, count, attributes, row_context in rows:
+                    seconds.record(amount, attributes, context=row_context)
+                    calls.record(count, attributes, context=row_context)
+            reader.collect()
+        provider.shutdown()
+        exported.append([comparable(data) for data in capture.exports])
+        # per collection: 3 sampled rows x 2 instruments (none at shutdown: nothing new)
+        assert [sum(1 for _ in _all_exemplars(data)) for data in capture.exports] == [6, 6, 0]
+    assert exported[0] == exported[1]
+
+
 def test_other_providers_take_the_sdk_path(caplog):
     """A provider this package did not build (InMemoryMetricReader, programmatic
     setups) gets the SDK's instruments, said in one log line."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
@@ -298,6 +299,30 @@ def test_interval_union_stays_bounded_and_exact_for_ordered_calls():
         union.add(i * 2_000 + 500, i * 2_000 + 1_000)
     assert len(union.intervals) <= 4097
     assert union.total_ns() == 20_000 * 1_000
+
+
+def test_union_length_is_the_number_of_covered_points():
+    """``union_ns`` (a request's covered time) and ``IntervalUnion`` (a stage's time and
+    calls), settled or not, against counting the covered points one by one."""
+    from otel_inference.accounting import MAX_UNSETTLED_INTERVALS, IntervalUnion, union_ns
+
+    rng = random.Random(20)
+    for _ in range(500):
+        starts = [rng.randrange(0, 60) for _ in range(rng.randrange(0, 9))]
+        intervals = [(lo, lo + rng.randrange(-3, 15)) for lo in starts]  # some empty, reversed
+        start_ns, end_ns = sorted(rng.randrange(-5, 80) for _ in range(2))
+        points = {p for lo, hi in intervals for p in range(lo, hi)}
+        assert union_ns(intervals, start_ns, end_ns) == sum(start_ns <= p < end_ns for p in points)
+        union = IntervalUnion()
+        for lo, hi in intervals:
+            union.add(lo, max(lo, hi))  # calls never end before they start
+        assert (union.total_ns(), union.count) == (len(points), len(intervals))
+    union = IntervalUnion()
+    calls = 3 * MAX_UNSETTLED_INTERVALS + 5
+    for i in range(calls):  # ordered calls with gaps: settling keeps time and count exact
+        union.add(i * 10, i * 10 + 7)
+    assert union.settled is not None and len(union.intervals) <= MAX_UNSETTLED_INTERVALS
+    assert (union.total_ns(), union.count) == (calls * 7, calls)
 
 
 def test_metrics_spans_and_report_agree_on_per_request_time(tmp_path):
