@@ -246,7 +246,7 @@ class FastHistogram(_FastInstrument):
     hands the same cached dict for a stage every time): a dict must not be changed
     after it was recorded with; otel-inference's never are."""
 
-    __slots__ = ("boundaries",)
+    __slots__ = ("_pairs", "boundaries")
 
     def __init__(
         self,
@@ -259,6 +259,8 @@ class FastHistogram(_FastInstrument):
     ) -> None:
         super().__init__(name, unit, description, scope, len(boundaries) + 1, exemplars)
         self.boundaries = tuple(boundaries)
+        # record_pairs: id(attributes) -> (attributes, other, its series here, there)
+        self._pairs: dict[int, tuple[Any, FastHistogram, _Series, _Series]] = {}
 
     def record(
         self,
@@ -306,9 +308,10 @@ class FastHistogram(_FastInstrument):
         """For each ``(amount, other_amount, attributes, context)`` row,
         ``self.record(amount, attributes, context)`` and
         ``other.record(other_amount, attributes, context)``: the same figures and
-        exemplars, with each instrument's lock taken once for all rows and the
-        exemplar filter judged once per distinct context (a request's end records
-        two histograms per stage, under one or a few contexts)."""
+        exemplars, with each instrument's lock taken once for all rows, both series
+        found in one lookup, and the exemplar filter judged once per distinct
+        context (a request's end records two histograms per stage, under one or a
+        few contexts)."""
         if other._exemplars is not self._exemplars or other._lock is self._lock:
             for amount, other_amount, attributes, context in rows:
                 self.record(amount, attributes, context)
@@ -318,22 +321,20 @@ class FastHistogram(_FastInstrument):
             filtered = self._exemplars is not None
             judged: Any = _last_verdict  # a context no row has: the first row is judged
             span = None
-            by_id, other_by_id = self._by_id, other._by_id
+            pairs = self._pairs
             boundaries, other_boundaries = self.boundaries, other.boundaries
             with self._lock, other._lock:
-                # Unrolled for the two instruments: this loop is per stage of a request.
+                # Both instruments' updates written out: this loop runs per stage of a request.
                 for amount, other_amount, attributes, context in rows:
+                    pair = pairs.get(id(attributes))
+                    if pair is None or pair[0] is not attributes or pair[1] is not other:
+                        pair = self._pair_locked(other, attributes)
                     if filtered and context is not judged:
                         judged = context
                         span = self._sampled(context)
                     when = None if span is None else time_ns()
                     if amount >= 0:
-                        cached = by_id.get(id(attributes))
-                        series = (
-                            cached[1]
-                            if cached is not None and cached[0] is attributes
-                            else self._series_locked(attributes)
-                        )
+                        series = pair[2]
                         index = bisect_left(boundaries, amount)
                         series.counts[index] += 1
                         series.sum += amount
@@ -351,12 +352,7 @@ class FastHistogram(_FastInstrument):
                             self.name,
                         )
                     if other_amount >= 0:
-                        cached = other_by_id.get(id(attributes))
-                        series = (
-                            cached[1]
-                            if cached is not None and cached[0] is attributes
-                            else other._series_locked(attributes)
-                        )
+                        series = pair[3]
                         index = bisect_left(other_boundaries, other_amount)
                         series.counts[index] += 1
                         series.sum += other_amount
@@ -377,6 +373,27 @@ class FastHistogram(_FastInstrument):
             _log_once(
                 "fast-record", "otel-inference: failed to record %s", self.name, level=logging.ERROR
             )
+
+    def _pair_locked(
+        self, other: FastHistogram, attributes: Mapping[str, Any] | None
+    ) -> tuple[Any, FastHistogram, _Series, _Series]:
+        """The series of ``attributes`` here and in ``other`` (both locks held), kept
+        for the next :meth:`record_pairs` by the dict's identity, as ``record`` does.
+        Both instruments' series live until both are reset (the aggregator resets
+        all its instruments at once)."""
+        pair = (
+            attributes,
+            other,
+            self._series_locked(attributes),
+            other._series_locked(attributes),
+        )
+        if len(self._pairs) < _MAX_CACHED_IDS:
+            self._pairs[id(attributes)] = pair
+        return pair
+
+    def reset(self) -> None:
+        super().reset()
+        self._pairs = {}
 
 
 class FastCounter(_FastInstrument):
