@@ -1470,6 +1470,10 @@ def _close_account(binding: _Binding, account: RequestAccount, request_span: Spa
     with account.lock:
         account.closed = True
         tallies = list(account.tallies.values())
+        spanned = account.spans  # held spans exist only where spans were taken
+    if not spanned:  # nothing to end: records only, which run no exporter
+        _record_account(binding, account, tallies, request_span)
+        return
     # Ending spans can run exporters here (a SimpleSpanProcessor): their own work
     # (a JSON dump, an HTTP call) is not the application's, and must not be recorded.
     with suppress_instrumentation():
