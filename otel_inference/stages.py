@@ -219,10 +219,10 @@ def current_stage() -> str | None:
     return None if frame is None else frame[1]
 
 
-def current_frame() -> tuple[RequestAccount | None, str | None] | None:
-    """``(request account, innermost open stage)`` in this context, or None outside
-    both: one read for instrumentors that need both."""
-    return _FRAME.get()
+# current_frame() -> (request account, innermost open stage) in this context, or None
+# outside both: one read for instrumentors that need both. The context variable's own
+# ``get``: no Python frame of ours on an instrumentor's per-call path.
+current_frame: Callable[[], tuple[RequestAccount | None, str | None] | None] = _FRAME.get
 
 
 def current_request() -> RequestAccount | None:

@@ -211,6 +211,11 @@ def _failed(target: Target) -> None:
     )
 
 
+# Unbound: calling them makes no bound-method object per call.
+_enter_in = StageScope.enter_in
+_finish_at = StageScope.finish
+
+
 def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]:
     """A ``wrapt`` wrapper for a synchronous (de)serialiser."""
     stage_name, is_serialize = target.stage, target.is_serialize
@@ -228,7 +233,7 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
         elif frame[1] is not None:
             return wrapped(*args, **kwargs)
         scope = StageScope(recorder, stage_name, None)
-        scope.enter_in(current)
+        _enter_in(scope, current)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
@@ -243,7 +248,7 @@ def stage_wrapper(recorder: StageRecorder, target: Target) -> Callable[..., Any]
             if scope.is_recording:
                 for key, value in target.span_attributes(size).items():
                     scope.set_attribute(key, value)
-            scope.finish(end_ns, None)
+            _finish_at(scope, end_ns, None)
             if size is not None and is_serialize:
                 size_sum.add(size)
         except Exception:
