@@ -412,6 +412,7 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
         python_ns += used
         if ident not in (loop_id, _monitor._watchdog_ident) and used > 0:
             others.append((name, used / 1e9))
+    other_python_ns = sum(seconds for _, seconds in others) * 1e9
     native_ns = max(0, (end.process_ns - begin.process_ns) - python_ns)
     if native_ns > 0.1 * wall:
         others.append((_NATIVE, native_ns / 1e9))
@@ -434,7 +435,12 @@ def _classify(interval: BlockedInterval, stall: _Stall | None, before: _Snapshot
     if stall is None:
         # Held past the threshold, yet the watchdog could not run once to sample
         # it: the GIL (or every CPU) was taken, by the loop's callback or others.
-        interval.kind = "busy" if interval.cpu_ratio >= 0.5 else "starved"
+        # Other Python threads that used about the hold's length of CPU held the GIL
+        # through it: the loop's own ratio misleads when the snapshot came well before
+        # the hold (its earlier callbacks' CPU counts in it; seen on throttled CPUs).
+        held_ns = interval.end_ns - interval.start_ns
+        starved = interval.cpu_ratio < 0.5 or other_python_ns >= 0.9 * held_ns
+        interval.kind = "starved" if starved else "busy"
     elif callbacks and interval.cpu_ratio >= 0.5:
         interval.kind = "busy"  # CPU work in a callback
     elif lag_ns >= 0.5 * wall:
