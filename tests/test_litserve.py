@@ -65,14 +65,15 @@ def test_spans_each_request_waits_then_shares_a_batch(served):
         request = requests[wait["parentSpanId"]]
         assert "parentSpanId" not in request or not request["parentSpanId"]  # worker-side root
         # Both start at the request's arrival (each derives wall time from the
-        # monotonic clock on its own: microseconds apart).
-        assert abs(int(request["startTimeUnixNano"]) - int(wait["startTimeUnixNano"])) < 1_000_000
+        # monotonic clock on its own: microseconds apart, unless a throttled VM stalls
+        # the thread between the two clock reads: 1.35 ms was seen in CI).
+        assert abs(int(request["startTimeUnixNano"]) - int(wait["startTimeUnixNano"])) < 5_000_000
         (link,) = wait["links"]
         batch = batches[link["spanId"]]
         assert request["spanId"] in {member["spanId"] for member in batch["links"]}
         assert int(batch["attrs"]["inference.batch.size"]) == len(batch["links"]) <= 4
-        # The wait ends where the batch starts (to the same 1 ms of wall-clock derivation).
-        assert abs(int(wait["endTimeUnixNano"]) - int(batch["startTimeUnixNano"])) < 1_000_000
+        # The wait ends where the batch starts (to the same 5 ms of wall-clock derivation).
+        assert abs(int(wait["endTimeUnixNano"]) - int(batch["startTimeUnixNano"])) < 5_000_000
     for batch_id in batches:
         children = Counter(span["name"] for span in spans if span.get("parentSpanId") == batch_id)
         assert children["tokenize"] == 1 and children["model_forward"] == 1, children
