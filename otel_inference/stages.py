@@ -1426,19 +1426,18 @@ class RequestSum:
                         return
         except Exception:
             pass  # _add_per_request logs it
-        _add_per_request(self, None, value, self._attributes, self)
+        _add_per_request(self, None, value, self._attributes)
 
 
 def _add_per_request(
-    key: Any,
-    instrument: Any,
-    value: float,
-    attributes: Mapping[str, Any],
-    handle: RequestSum | None = None,
+    key: Any, instrument: Any, value: float, attributes: Mapping[str, Any]
 ) -> None:
     """Add ``value`` to the current request's sum under ``key`` (recorded when the
-    request ends), or record it now outside a request."""
+    request ends), or record it now outside a request. ``instrument`` None: ``key``
+    is a :class:`RequestSum`, which resolves it."""
     try:
+        if instrument is None:
+            instrument = key.instrument()
         frame = _FRAME.get()
         if frame is not None:
             account = frame[0]
@@ -1447,11 +1446,10 @@ def _add_per_request(
                 # keeps the entry a racing thread made.
                 entry = account.sums.get(key)
                 if entry is None:
-                    made = [instrument or handle.instrument(), attributes, 0]  # type: ignore[union-attr]
-                    entry = account.sums.setdefault(key, made)
+                    entry = account.sums.setdefault(key, [instrument, attributes, 0])
                 entry[2] += value
                 return
-        _emit(instrument or handle.instrument(), value, attributes)  # type: ignore[union-attr]
+        _emit(instrument, value, attributes)
     except Exception:
         log_once("per-request", "otel-inference: failed to record a figure", level=logging.ERROR)
 

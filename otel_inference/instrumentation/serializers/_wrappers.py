@@ -194,10 +194,7 @@ def _finish(
         # Spans it ends are ended with instrumentation suppressed (stages._end_span):
         # an exporter's own serialising is not recorded as a stage.
         scope.finish(end_ns, exc)
-        if size is not None and target.is_serialize:  # _record_size, one call fewer
-            recorder.record_per_request(
-                recorder.instruments(create_instruments).size, size, target.size_attributes
-            )
+        _record_size(recorder, target, size)
     except Exception:
         _failed(target)
 
