@@ -124,7 +124,10 @@ ensure_extension() {
   [[ -f $stamp && $(<"$stamp") == "$key" ]] && return 0
   ensure_system --then "the compiled hot path is not built: stages run in Python" gcc Python.h
   say "otel_inference/_speedups.c changed: rebuilding the compiled hot path"
+  rm -f otel_inference/_speedups.*.so  # a failed (optional) build must not leave the old one
   "$VENV/bin/python" -m pip install -q --no-deps -e .
+  compgen -G "otel_inference/_speedups.*.so" >/dev/null ||
+    say "the compiled hot path did not build (pip install -v -e . shows why): stages run in Python"
   echo "$key" >"$stamp"
 }
 
