@@ -3,9 +3,11 @@
 ``otel_inference._speedups`` is built at install time when a C compiler and the
 Python headers are there (``setup.py``: ``optional=True``, so an install without them
 still succeeds). It compiles a stage scope's enter and exit (``StageCore``, see
-:mod:`otel_inference.stages`) and the interval-union arithmetic of
-:mod:`otel_inference.accounting`; the pure-Python code it mirrors stays the
-reference and the fallback, with the same behaviour.
+:mod:`otel_inference.stages`) with a first call's new tally, the interval-union
+arithmetic of :mod:`otel_inference.accounting`, and a request's end: each stage's
+figures (``tally_rows``) and their histogram updates on the fast path
+(``record_rows``, :mod:`otel_inference.fastpath`). The pure-Python code it mirrors
+stays the reference and the fallback, with the same behaviour.
 
 Usage::
 

@@ -1,14 +1,17 @@
-/* The stage hot path, compiled: ``StageCore``, the base of ``stages.StageScope``.
+/* The stage hot path, compiled: ``StageCore``, the base of ``stages.StageScope``,
+ * and the per-stage work at a request's end.
  *
  * A ``with stage(...)`` call inside a request is a handful of steps (read the
- * context's frame, find the stage's tally, set the frame, read the clock, and on
- * exit append the call's interval to the tally). In Python each step costs tens of
- * nanoseconds of interpreter overhead and the whole call ~2 us; here it is a few
- * hundred nanoseconds. Only that path is compiled: every other branch (outside a
- * request, sampled requests' spans, a first call's new tally, failures, late
- * records) calls the same Python methods of ``StageScope`` that the pure-Python
- * core (``stages._PyStageCore``, the reference this file mirrors line by line)
- * calls. Build failures are not fatal: the package then runs the Python core.
+ * context's frame, find the stage's tally or make it, set the frame, read the
+ * clock, and on exit append the call's interval to the tally). In Python each step
+ * costs tens of nanoseconds of interpreter overhead and the whole call ~2 us; here
+ * it is a few hundred nanoseconds. When the request ends, each stage's figures
+ * (``tally_rows``) and their two histogram updates (``record_rows``) are compiled
+ * too. Every other branch (outside a request, sampled requests' spans, failures,
+ * late records, settled intervals) calls the same Python code that the pure-Python
+ * reference (``stages._PyStageCore``, ``stages._tally_rows``,
+ * ``fastpath._record_rows``, which this file mirrors step for step) calls. Build
+ * failures are not fatal: the package then runs the Python code.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,12 +53,108 @@ static Py_ssize_t MAX_UNSETTLED = 4096;
 static long long FRESH_SCOPE_NS = 100000;
 static PyObject *PERF_COUNTER_NS = NULL; /* time.perf_counter_ns where it is not CLOCK_MONOTONIC */
 
-static PyObject *s__binding, *s__bind, *s__enter_alone, *s__new_tally, *s__enter_sampled,
-    *s_cold, *s_tallies, *s_recording, *s_call_duration, *s_started, *s_stage_probe, *s_closed,
-    *s_record, *s_union, *s_intervals, *s_settle, *s__instrumentation_ns,
-    *s__finish_slow, *s_stage_enter, *s_stage_exit, *s_perf_counter_ns, *s_held, *s_compressible,
-    *s_context, *s_seq, *s_span_seq, *s_limit_ns, *s_calls, *s_busy_ns,
+static PyObject *s__bind, *s__enter_alone, *s__new_tally, *s__enter_sampled, *s_stage_probe,
+    *s_record, *s_settle, *s__finish_slow, *s_stage_enter, *s_stage_exit, *s_perf_counter_ns,
+    *s_compressible, *s_context, *s_seq, *s_span_seq, *s_limit_ns, *s_calls, *s_busy_ns,
     *s_end_ns, *s_end_wall_ns;
+
+/* ---- Slots of the stages module's own classes, read where they are stored ----
+ *
+ * RequestAccount, StageTally, IntervalUnion and _Binding are Python classes with
+ * ``__slots__``: each slot is a member descriptor holding the field's offset in the
+ * instance. PyObject_GetAttr finds that descriptor through the type on every read
+ * (~170 instructions); bind() resolves it once, and an instance of exactly that
+ * class is then read or written at the offset. Any other object (a subclass, a
+ * test double), or a field not set yet, goes through PyObject_GetAttr as before. */
+typedef struct {
+    PyTypeObject *type; /* NULL: not resolved, always PyObject_GetAttr */
+    Py_ssize_t offset;
+    PyObject *name;
+} SlotRef;
+
+static SlotRef ACCOUNT_COLD, ACCOUNT_TALLIES, ACCOUNT_RECORDING, ACCOUNT_CLOSED,
+    ACCOUNT_INSTRUMENTATION_NS, ACCOUNT_SPAN_SEQ, TALLY_NAME, TALLY_PARENT, TALLY_COLD,
+    TALLY_CONTEXT, TALLY_ERROR_TYPE, TALLY_HELD, TALLY_UNION, UNION_INTERVALS, UNION_SETTLED,
+    BINDING_CALL_DURATION, RECORDER_BINDING, LOOP_STARTED;
+static PyTypeObject *TALLY_TYPE = NULL, *UNION_TYPE = NULL; /* made here when resolved */
+
+/* ``cls.<name>`` when it is a writable object slot: 0 (ref left unresolved when it
+ * is not one), or -1 with an exception set. */
+static int
+resolve_slot(PyObject *cls, const char *name, SlotRef *ref)
+{
+    ref->type = NULL;
+    ref->offset = 0;
+    Py_XSETREF(ref->name, PyUnicode_InternFromString(name));
+    if (ref->name == NULL) {
+        return -1;
+    }
+    if (!PyType_Check(cls)) {
+        PyErr_Format(PyExc_TypeError, "bind(): %R is not a class", cls);
+        return -1;
+    }
+    PyObject *descriptor = PyObject_GetAttr(cls, ref->name);
+    if (descriptor == NULL) {
+        return -1;
+    }
+    if (Py_IS_TYPE(descriptor, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY)) {
+            ref->type = (PyTypeObject *)cls;
+            ref->offset = member->offset;
+        }
+    }
+    Py_DECREF(descriptor);
+    return 0;
+}
+
+static inline PyObject **
+slot_address(PyObject *obj, const SlotRef *ref)
+{
+    return ref->type != NULL && Py_IS_TYPE(obj, ref->type)
+               ? (PyObject **)((char *)obj + ref->offset)
+               : NULL;
+}
+
+/* ``obj.<slot>``: a new reference, or NULL with an exception set. */
+static inline PyObject *
+slot_get(PyObject *obj, const SlotRef *ref)
+{
+    PyObject **address = slot_address(obj, ref);
+    if (address != NULL && *address != NULL) {
+        return Py_NewRef(*address);
+    }
+    return PyObject_GetAttr(obj, ref->name);
+}
+
+/* ``obj.<slot> = value`` (value borrowed): 0 or -1. */
+static inline int
+slot_set(PyObject *obj, const SlotRef *ref, PyObject *value)
+{
+    PyObject **address = slot_address(obj, ref);
+    if (address != NULL) {
+        Py_XSETREF(*address, Py_NewRef(value));
+        return 0;
+    }
+    return PyObject_SetAttr(obj, ref->name, value);
+}
+
+/* bool(obj.<slot>): 1, 0 or -1. */
+static inline int
+slot_truth(PyObject *obj, const SlotRef *ref)
+{
+    PyObject **address = slot_address(obj, ref);
+    if (address != NULL && (*address == Py_True || *address == Py_False)) {
+        return *address == Py_True;
+    }
+    PyObject *value = slot_get(obj, ref);
+    if (value == NULL) {
+        return -1;
+    }
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
 
 /* time.perf_counter_ns(): CLOCK_MONOTONIC on Linux for CPython 3.10-3.13 (checked
  * against it when stages.py binds this module; elsewhere we call it). */
@@ -356,7 +455,7 @@ can_join(PyObject *held, PyObject *context, PyObject *account)
         if (!compiled->compressible || compiled->context != context) {
             return 0;
         }
-        PyObject *span_seq = PyObject_GetAttr(account, s_span_seq);
+        PyObject *span_seq = slot_get(account, &ACCOUNT_SPAN_SEQ);
         if (span_seq == NULL) {
             return -1;
         }
@@ -407,7 +506,7 @@ enter_sampled(StageCore *self, PyObject *binding, PyObject *account, PyObject *t
     }
     SET_FIELD(metric_context, context);
     SET_FIELD(outer_context, context);
-    PyObject *held = PyObject_GetAttr(tally, s_held);
+    PyObject *held = slot_get(tally, &TALLY_HELD);
     int join = held == NULL ? -1 : can_join(held, context, account);
     int status = -1;
     if (join < 0) {
@@ -415,7 +514,7 @@ enter_sampled(StageCore *self, PyObject *binding, PyObject *account, PyObject *t
     }
     if (join) {
         SET_FIELD(joined, held);
-        PyObject *call_duration = PyObject_GetAttr(binding, s_call_duration);
+        PyObject *call_duration = slot_get(binding, &BINDING_CALL_DURATION);
         if (call_duration == NULL) {
             goto done;
         }
@@ -439,11 +538,66 @@ done:
     return status;
 }
 
+/* A new StageTally (with its IntervalUnion and empty interval list), made as
+ * object.__new__ and the attribute sets of their __init__ would make it: the
+ * first call of a stage in a request makes one, and running two Python __init__
+ * is most of what that call cost. Only when bind() resolved every slot. */
+static PyObject *
+make_tally(PyObject *name, PyObject *parent, PyObject *cold)
+{
+    PyObject *tally = TALLY_TYPE->tp_alloc(TALLY_TYPE, 0);
+    PyObject *un = UNION_TYPE->tp_alloc(UNION_TYPE, 0);
+    PyObject *intervals = PyList_New(0);
+    if (tally == NULL || un == NULL || intervals == NULL) {
+        Py_XDECREF(tally);
+        Py_XDECREF(un);
+        Py_XDECREF(intervals);
+        return NULL;
+    }
+    /* Fresh objects of exactly the resolved classes: every slot has its address. */
+    *slot_address(un, &UNION_INTERVALS) = intervals;
+    *slot_address(un, &UNION_SETTLED) = Py_NewRef(Py_None);
+    *slot_address(tally, &TALLY_NAME) = Py_NewRef(name);
+    *slot_address(tally, &TALLY_PARENT) = Py_NewRef(parent);
+    *slot_address(tally, &TALLY_COLD) = Py_NewRef(cold);
+    *slot_address(tally, &TALLY_CONTEXT) = Py_NewRef(Py_None);
+    *slot_address(tally, &TALLY_ERROR_TYPE) = Py_NewRef(Py_None);
+    *slot_address(tally, &TALLY_HELD) = Py_NewRef(Py_None);
+    *slot_address(tally, &TALLY_UNION) = un;
+    return tally;
+}
+
+/* The stage's tally in the request's ``tallies`` (found under ``key``), made on its
+ * first call: a new reference, or NULL with an exception set. */
+static PyObject *
+tally_of(StageCore *self, PyObject *account, PyObject *tallies, PyObject *key)
+{
+    PyObject *tally = PyDict_Check(tallies) ? PyDict_GetItemWithError(tallies, key) : NULL;
+    if (tally != NULL) {
+        return Py_NewRef(tally);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (TALLY_TYPE == NULL || !PyDict_CheckExact(tallies)) {
+        return PyObject_CallMethodOneArg((PyObject *)self, s__new_tally, account);
+    }
+    PyObject *made = make_tally(self->name, self->parent, self->cold);
+    if (made == NULL) {
+        return NULL;
+    }
+    /* setdefault: a racing thread's tally is kept, not replaced */
+    tally = PyDict_SetDefault(tallies, key, made);
+    Py_XINCREF(tally);
+    Py_DECREF(made);
+    return tally;
+}
+
 /* The body of ``__enter__``'s ``try``: 0, or -1 with an exception set. */
 static int
 enter_frame(StageCore *self, PyObject *current)
 {
-    PyObject *binding = PyObject_GetAttr(self->recorder, s__binding);
+    PyObject *binding = slot_get(self->recorder, &RECORDER_BINDING);
     if (binding == NULL) {
         return -1;
     }
@@ -486,35 +640,22 @@ enter_frame(StageCore *self, PyObject *current)
          * lookups (the request's sampling decision holds for its stages). */
         SET_FIELD(account, account);
         SET_FIELD(parent, parent);
-        PyObject *cold = PyObject_GetAttr(account, s_cold);
+        PyObject *cold = slot_get(account, &ACCOUNT_COLD);
         if (cold == NULL) {
             goto done;
         }
         Py_XSETREF(self->cold, cold);
-        PyObject *tallies = PyObject_GetAttr(account, s_tallies);
+        PyObject *tallies = slot_get(account, &ACCOUNT_TALLIES);
         if (tallies == NULL) {
             goto done;
         }
         key = PyTuple_Pack(2, self->name, parent);
-        if (key == NULL) {
-            Py_DECREF(tallies);
+        tally = key == NULL ? NULL : tally_of(self, account, tallies, key);
+        Py_DECREF(tallies);
+        if (tally == NULL) {
             goto done;
         }
-        tally = PyDict_Check(tallies) ? PyDict_GetItemWithError(tallies, key) : NULL;
-        Py_DECREF(tallies);
-        if (tally != NULL) {
-            Py_INCREF(tally);
-        }
-        else {
-            if (PyErr_Occurred()) {
-                goto done;
-            }
-            tally = PyObject_CallMethodOneArg((PyObject *)self, s__new_tally, account);
-            if (tally == NULL) {
-                goto done;
-            }
-        }
-        int recording = truth_of_attr(account, s_recording);
+        int recording = slot_truth(account, &ACCOUNT_RECORDING);
         if (recording < 0) {
             goto done;
         }
@@ -524,7 +665,7 @@ enter_frame(StageCore *self, PyObject *current)
             }
         }
         else {
-            PyObject *call_duration = PyObject_GetAttr(binding, s_call_duration);
+            PyObject *call_duration = slot_get(binding, &BINDING_CALL_DURATION);
             if (call_duration == NULL) {
                 goto done;
             }
@@ -588,7 +729,7 @@ enter_in(StageCore *self, PyObject *current)
         return NULL;
     }
     /* Watches the running loop; a sync stage's thread CPU clock (#16). */
-    int started = truth_of_attr(LOOP, s_started);
+    int started = slot_truth(LOOP, &LOOP_STARTED);
     if (started < 0) {
         return NULL;
     }
@@ -674,6 +815,28 @@ add_to_attr(PyObject *obj, PyObject *name, long long delta)
     return status;
 }
 
+/* Add ``delta`` to the int slot ``ref`` of ``obj``. */
+static int
+add_to_slot(PyObject *obj, const SlotRef *ref, long long delta)
+{
+    PyObject **address = slot_address(obj, ref);
+    if (address == NULL || *address == NULL || !PyLong_CheckExact(*address)) {
+        return add_to_attr(obj, ref->name, delta);
+    }
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(*address, &overflow);
+    if (overflow || (delta > 0 && value > LLONG_MAX - delta)
+        || (delta < 0 && value < LLONG_MIN - delta)) {
+        return add_to_attr(obj, ref->name, delta); /* past 64 bits: Python ints */
+    }
+    PyObject *total = PyLong_FromLongLong(value + delta);
+    if (total == NULL) {
+        return -1;
+    }
+    Py_SETREF(*address, total);
+    return 0;
+}
+
 /* accounting.HeldSpan.join: one more call in the held (compressed) span. */
 static int
 join_held(PyObject *held, long long start_ns, long long end_ns)
@@ -723,7 +886,7 @@ add_to_tally(StageCore *self, long long end_ns)
     Py_INCREF(tally);
     int status = -1;
     PyObject *result = NULL, *un = NULL, *intervals = NULL, *interval = NULL;
-    int closed = truth_of_attr(account, s_closed);
+    int closed = slot_truth(account, &ACCOUNT_CLOSED);
     if (closed < 0) {
         goto done;
     }
@@ -732,11 +895,11 @@ add_to_tally(StageCore *self, long long end_ns)
         status = result == NULL ? -1 : 0;
         goto done;
     }
-    un = PyObject_GetAttr(tally, s_union);
+    un = slot_get(tally, &TALLY_UNION);
     if (un == NULL) {
         goto done;
     }
-    intervals = PyObject_GetAttr(un, s_intervals);
+    intervals = slot_get(un, &UNION_INTERVALS);
     if (intervals == NULL || !PyList_Check(intervals)) {
         if (intervals != NULL) {
             PyErr_SetString(PyExc_TypeError, "IntervalUnion.intervals is not a list");
@@ -764,7 +927,7 @@ add_to_tally(StageCore *self, long long end_ns)
         if (now_ns(&exit_ns) < 0) {
             goto done;
         }
-        if (add_to_attr(account, s__instrumentation_ns,
+        if (add_to_slot(account, &ACCOUNT_INSTRUMENTATION_NS,
                         start_ns - self->enter_ns + exit_ns - end_ns) < 0) {
             goto done;
         }
@@ -814,7 +977,7 @@ stays_joined(StageCore *self, long long end_ns)
     if (end_ns - self->start_ns > limit_ns) {
         return 0;
     }
-    PyObject *held = PyObject_GetAttr(self->tally, s_held);
+    PyObject *held = slot_get(self->tally, &TALLY_HELD);
     if (held == NULL) {
         return -1;
     }
@@ -1232,18 +1395,66 @@ settle_intervals(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 bind(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"frame",         "loop",           "gc_pending", "drain_gc", "failed",
-                               "max_unsettled", "fresh_scope_ns", "clock_namespace",
-                               "get_context", NULL};
-    PyObject *frame, *loop, *gc_pending, *drain_gc, *failed, *clock_namespace, *get_context;
+    static char *keywords[] = {"frame",        "loop",         "gc_pending",    "drain_gc",
+                               "failed",       "max_unsettled", "fresh_scope_ns", "clock_namespace",
+                               "get_context",  "account_type", "tally_type",    "union_type",
+                               "binding_type", "recorder_type", NULL};
+    PyObject *frame, *loop, *gc_pending, *drain_gc, *failed, *clock_namespace, *get_context,
+        *account_type, *tally_type, *union_type, *binding_type, *recorder_type;
     Py_ssize_t max_unsettled;
     long long fresh_scope_ns;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOnLO!O:bind", keywords, &frame, &loop,
-                                     &gc_pending, &drain_gc, &failed, &max_unsettled,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOnLO!OOOOOO:bind", keywords, &frame,
+                                     &loop, &gc_pending, &drain_gc, &failed, &max_unsettled,
                                      &fresh_scope_ns, &PyDict_Type, &clock_namespace,
-                                     &get_context)) {
+                                     &get_context, &account_type, &tally_type, &union_type,
+                                     &binding_type, &recorder_type)) {
         return NULL;
     }
+    struct {
+        PyObject *cls;
+        const char *name;
+        SlotRef *ref;
+    } slots[] = {
+        {account_type, "cold", &ACCOUNT_COLD},
+        {account_type, "tallies", &ACCOUNT_TALLIES},
+        {account_type, "recording", &ACCOUNT_RECORDING},
+        {account_type, "closed", &ACCOUNT_CLOSED},
+        {account_type, "_instrumentation_ns", &ACCOUNT_INSTRUMENTATION_NS},
+        {account_type, "span_seq", &ACCOUNT_SPAN_SEQ},
+        {tally_type, "name", &TALLY_NAME},
+        {tally_type, "parent", &TALLY_PARENT},
+        {tally_type, "cold", &TALLY_COLD},
+        {tally_type, "context", &TALLY_CONTEXT},
+        {tally_type, "error_type", &TALLY_ERROR_TYPE},
+        {tally_type, "held", &TALLY_HELD},
+        {tally_type, "union", &TALLY_UNION},
+        {union_type, "intervals", &UNION_INTERVALS},
+        {union_type, "settled", &UNION_SETTLED},
+        {binding_type, "call_duration", &BINDING_CALL_DURATION},
+        {recorder_type, "_binding", &RECORDER_BINDING},
+        {(PyObject *)Py_TYPE(loop), "started", &LOOP_STARTED},
+    };
+    int tallies_resolved = 1;
+    for (size_t i = 0; i < sizeof(slots) / sizeof(slots[0]); i++) {
+        if (resolve_slot(slots[i].cls, slots[i].name, slots[i].ref) < 0) {
+            return NULL;
+        }
+        if (slots[i].ref->type == NULL && (slots[i].cls == tally_type
+                                           || slots[i].cls == union_type)) {
+            tallies_resolved = 0;
+        }
+    }
+    /* Tallies are made here only when every field has a slot (make_tally); their
+     * classes must also have no other field that __init__ would set. */
+    int exact = tallies_resolved
+                && ((PyTypeObject *)tally_type)->tp_basicsize
+                       == (Py_ssize_t)(sizeof(PyObject) + 7 * sizeof(PyObject *))
+                && ((PyTypeObject *)union_type)->tp_basicsize
+                       == (Py_ssize_t)(sizeof(PyObject) + 2 * sizeof(PyObject *))
+                && ((PyTypeObject *)tally_type)->tp_dictoffset == 0
+                && ((PyTypeObject *)union_type)->tp_dictoffset == 0;
+    Py_XSETREF(TALLY_TYPE, exact ? (PyTypeObject *)Py_NewRef(tally_type) : NULL);
+    Py_XSETREF(UNION_TYPE, exact ? (PyTypeObject *)Py_NewRef(union_type) : NULL);
     Py_INCREF(get_context);
     Py_XSETREF(GET_CONTEXT, get_context);
     Py_INCREF(clock_namespace);
@@ -1267,6 +1478,537 @@ bind(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+/* ---- The request's end: stages._tally_rows and fastpath._record_rows, compiled ---- */
+
+/* A float, or an int a double holds exactly: its value in *out (1); else 0. */
+static inline int
+exact_double(PyObject *number, double *out)
+{
+    if (PyFloat_CheckExact(number)) {
+        *out = PyFloat_AS_DOUBLE(number);
+        return 1;
+    }
+    if (PyLong_CheckExact(number)) {
+        int overflow;
+        long long value = PyLong_AsLongLongAndOverflow(number, &overflow);
+        if (!overflow && value < (1LL << 53) && value > -(1LL << 53)) {
+            *out = (double)value;
+            return 1;
+        }
+        PyErr_Clear();
+    }
+    return 0;
+}
+
+/* ``a <op> b`` as Python compares them: floats and small ints as doubles (the
+ * same answers, NaN included), anything else through the objects. */
+static inline int
+compare(PyObject *a, PyObject *b, int op)
+{
+    double x, y;
+    if (exact_double(a, &x) && exact_double(b, &y)) {
+        switch (op) {
+        case Py_LT:
+            return x < y;
+        case Py_GT:
+            return x > y;
+        case Py_GE:
+            return x >= y;
+        default:
+            break;
+        }
+    }
+    return PyObject_RichCompareBool(a, b, op);
+}
+
+/* ``a + b``: two floats, or two ints within 62 bits, added here; anything else by
+ * Python. */
+static inline PyObject *
+add(PyObject *a, PyObject *b)
+{
+    if (PyFloat_CheckExact(a) && PyFloat_CheckExact(b)) {
+        return PyFloat_FromDouble(PyFloat_AS_DOUBLE(a) + PyFloat_AS_DOUBLE(b));
+    }
+    if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
+        int overflow_a, overflow_b;
+        long long x = PyLong_AsLongLongAndOverflow(a, &overflow_a);
+        long long y = PyLong_AsLongLongAndOverflow(b, &overflow_b);
+        if (!overflow_a && !overflow_b && x < (1LL << 62) && x > -(1LL << 62)
+            && y < (1LL << 62) && y > -(1LL << 62)) {
+            return PyLong_FromLongLong(x + y);
+        }
+    }
+    return PyNumber_Add(a, b);
+}
+
+
+static PyObject *s__attribute_sets, *s_budgets, *s_metric_attributes, *s_count, *s_total_ns,
+    *s__pairs, *s_boundaries;
+static PyObject *BILLION = NULL, *ONE = NULL, *ZERO = NULL; /* 1e9 (seconds = ns / 1e9), 1, 0 */
+
+/* The calls and the union of one tally's intervals: 1 (set), 0 (no finished call
+ * yet: not recorded), -1. A single call is its own length, as in Python. */
+static int
+tally_figures(PyObject *tally, PyObject **seconds, PyObject **calls)
+{
+    PyObject *un = slot_get(tally, &TALLY_UNION);
+    if (un == NULL) {
+        return -1;
+    }
+    int status = -1;
+    PyObject *intervals = slot_get(un, &UNION_INTERVALS), *settled = NULL, *total = NULL;
+    if (intervals == NULL || (settled = slot_get(un, &UNION_SETTLED)) == NULL) {
+        goto done;
+    }
+    if (settled == Py_None && PyList_CheckExact(intervals)) {
+        /* Nothing settled yet: the calls are the intervals, the time their union
+         * (IntervalUnion.count and total_ns(), as Python computes them). */
+        Py_ssize_t count = PyList_GET_SIZE(intervals);
+        if (count == 0) {
+            status = 0;
+            goto done;
+        }
+        long long covered = 0;
+        if (count == 1 && PyTuple_CheckExact(PyList_GET_ITEM(intervals, 0))
+            && PyTuple_GET_SIZE(PyList_GET_ITEM(intervals, 0)) == 2) {
+            PyObject *only = PyList_GET_ITEM(intervals, 0); /* a single call: its length */
+            covered = as_ll(PyTuple_GET_ITEM(only, 1)) - as_ll(PyTuple_GET_ITEM(only, 0));
+        }
+        else {
+            Interval *merged;
+            Py_ssize_t merged_count;
+            if (merged_intervals(intervals, -1, &merged, &merged_count) < 0) {
+                goto done;
+            }
+            for (Py_ssize_t i = 0; i < merged_count; i++) {
+                covered += merged[i].hi - merged[i].lo;
+            }
+            PyMem_Free(merged);
+        }
+        if (PyErr_Occurred()) {
+            goto done;
+        }
+        if (covered < (1LL << 53) && covered > -(1LL << 53)) { /* exact as a double */
+            *seconds = PyFloat_FromDouble((double)covered / 1e9);
+            *calls = *seconds == NULL ? NULL : PyLong_FromSsize_t(count);
+            status = *calls == NULL ? -1 : 1;
+            goto done;
+        }
+    }
+    *calls = PyObject_GetAttr(un, s_count);
+    int any = *calls == NULL ? -1 : PyObject_IsTrue(*calls);
+    if (any <= 0) {
+        status = any;
+        goto done;
+    }
+    total = PyObject_CallMethodNoArgs(un, s_total_ns);
+    *seconds = total == NULL ? NULL : PyNumber_TrueDivide(total, BILLION);
+    status = *seconds == NULL ? -1 : 1;
+done:
+    if (status <= 0) {
+        Py_CLEAR(*calls);
+        Py_CLEAR(*seconds);
+    }
+    Py_XDECREF(total);
+    Py_XDECREF(settled);
+    Py_XDECREF(intervals);
+    Py_DECREF(un);
+    return status;
+}
+
+/* mapping.get(key): a new reference (None when absent), or NULL. */
+static PyObject *
+get_or_none(PyObject *mapping, PyObject *key)
+{
+    if (PyDict_CheckExact(mapping)) {
+        PyObject *value = PyDict_GetItemWithError(mapping, key);
+        if (value == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        return Py_NewRef(value == NULL ? Py_None : value);
+    }
+    /* Budgets are a read-only view (a mappingproxy): a lookup through its protocol
+     * costs half a call of .get(). */
+    int present = PySequence_Contains(mapping, key);
+    if (present < 0) {
+        return NULL;
+    }
+    return present ? PyObject_GetItem(mapping, key) : Py_NewRef(Py_None);
+}
+
+/* One tally's records: appends to rows (and breaches), ends its held span. */
+static int
+tally_row(PyObject *tally, PyObject *binding, PyObject *attribute_sets, PyObject *budgets,
+          PyObject *end_held, PyObject *error_key, PyObject *rows, PyObject *breaches)
+{
+    PyObject *seconds = NULL, *calls = NULL;
+    int found = tally_figures(tally, &seconds, &calls);
+    if (found <= 0) {
+        return found;
+    }
+    int status = -1;
+    PyObject *name = NULL, *parent = NULL, *cold = NULL, *key = NULL, *attributes = NULL,
+             *error_type = NULL, *budget = NULL, *held = NULL, *context = NULL, *row = NULL;
+    if ((name = slot_get(tally, &TALLY_NAME)) == NULL
+        || (parent = slot_get(tally, &TALLY_PARENT)) == NULL
+        || (cold = slot_get(tally, &TALLY_COLD)) == NULL
+        || (key = PyTuple_Pack(3, name, parent, cold)) == NULL) {
+        goto done;
+    }
+    if (PyDict_CheckExact(attribute_sets)) {
+        attributes = PyDict_GetItemWithError(attribute_sets, key);
+        if (attributes == NULL && PyErr_Occurred()) {
+            goto done;
+        }
+        Py_XINCREF(attributes);
+    }
+    else if ((attributes = get_or_none(attribute_sets, key)) == NULL) {
+        goto done;
+    }
+    int cached = attributes == NULL ? 0 : PyObject_IsTrue(attributes);
+    if (cached < 0) {
+        goto done;
+    }
+    if (!cached) {
+        Py_XSETREF(attributes, PyObject_CallMethodObjArgs(binding, s_metric_attributes, name,
+                                                          parent, cold, NULL));
+        if (attributes == NULL) {
+            goto done;
+        }
+    }
+    if ((error_type = slot_get(tally, &TALLY_ERROR_TYPE)) == NULL) {
+        goto done;
+    }
+    if (error_type != Py_None) { /* {**attributes, error.type: ...} */
+        PyObject *with_error = PyDict_New();
+        if (with_error == NULL || PyDict_Update(with_error, attributes) < 0
+            || PyDict_SetItem(with_error, error_key, error_type) < 0) {
+            Py_XDECREF(with_error);
+            goto done;
+        }
+        Py_SETREF(attributes, with_error);
+    }
+    if ((budget = get_or_none(budgets, name)) == NULL) {
+        goto done;
+    }
+    int exceeded = budget == Py_None ? 0 : compare(seconds, budget, Py_GT);
+    if (exceeded < 0 || (held = slot_get(tally, &TALLY_HELD)) == NULL) {
+        goto done;
+    }
+    if (held != Py_None) {
+        PyObject *ended = PyObject_CallFunctionObjArgs(end_held, held, budget,
+                                                       exceeded ? Py_True : Py_False, NULL);
+        if (ended == NULL) {
+            goto done;
+        }
+        Py_DECREF(ended);
+        if (slot_set(tally, &TALLY_HELD, Py_None) < 0) {
+            goto done;
+        }
+    }
+    if ((context = slot_get(tally, &TALLY_CONTEXT)) == NULL
+        || (row = PyTuple_Pack(4, seconds, calls, attributes, context)) == NULL
+        || PyList_Append(rows, row) < 0) {
+        goto done;
+    }
+    if (exceeded) {
+        Py_SETREF(row, PyTuple_Pack(3, name, attributes, context));
+        if (row == NULL || PyList_Append(breaches, row) < 0) {
+            goto done;
+        }
+    }
+    status = 0;
+done:
+    Py_XDECREF(row);
+    Py_XDECREF(context);
+    Py_XDECREF(held);
+    Py_XDECREF(budget);
+    Py_XDECREF(error_type);
+    Py_XDECREF(attributes);
+    Py_XDECREF(key);
+    Py_XDECREF(cold);
+    Py_XDECREF(parent);
+    Py_XDECREF(name);
+    Py_DECREF(calls);
+    Py_DECREF(seconds);
+    return status;
+}
+
+static PyObject *
+tally_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "tally_rows(tallies, binding, end_held, error_key)");
+        return NULL;
+    }
+    PyObject *binding = args[1], *end_held = args[2], *error_key = args[3];
+    PyObject *tallies = PySequence_Fast(args[0], "tallies must be a sequence");
+    if (tallies == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL, *rows = NULL, *breaches = NULL;
+    PyObject *attribute_sets = PyObject_GetAttr(binding, s__attribute_sets);
+    PyObject *budgets = attribute_sets == NULL ? NULL : PyObject_GetAttr(binding, s_budgets);
+    if (budgets == NULL || (rows = PyList_New(0)) == NULL
+        || (breaches = PyList_New(0)) == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(tallies); i++) {
+        if (tally_row(PySequence_Fast_GET_ITEM(tallies, i), binding, attribute_sets, budgets,
+                      end_held, error_key, rows, breaches) < 0) {
+            goto done;
+        }
+    }
+    result = PyTuple_Pack(2, rows, breaches);
+done:
+    Py_XDECREF(breaches);
+    Py_XDECREF(rows);
+    Py_XDECREF(budgets);
+    Py_XDECREF(attribute_sets);
+    Py_DECREF(tallies);
+    return result;
+}
+
+/* _Series fields (fastpath._Figures' slots), resolved by bind_series(). */
+static SlotRef SERIES_COUNTS, SERIES_SUM, SERIES_MIN, SERIES_MAX, SERIES_COUNT,
+    SERIES_EXEMPLARS;
+
+static PyObject *
+bind_series(PyObject *module, PyObject *series_type)
+{
+    if (resolve_slot(series_type, "counts", &SERIES_COUNTS) < 0
+        || resolve_slot(series_type, "sum", &SERIES_SUM) < 0
+        || resolve_slot(series_type, "min", &SERIES_MIN) < 0
+        || resolve_slot(series_type, "max", &SERIES_MAX) < 0
+        || resolve_slot(series_type, "count", &SERIES_COUNT) < 0
+        || resolve_slot(series_type, "exemplars", &SERIES_EXEMPLARS) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* bisect.bisect_left(boundaries, amount) on a tuple of numbers. */
+static Py_ssize_t
+bucket_of(PyObject *boundaries, PyObject *amount)
+{
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(boundaries);
+    double value = 0, bound;
+    int as_double = exact_double(amount, &value);
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        PyObject *boundary = PyTuple_GET_ITEM(boundaries, mid);
+        int less;
+        if (as_double && exact_double(boundary, &bound)) {
+            less = bound < value;
+        }
+        else {
+            less = PyObject_RichCompareBool(boundary, amount, Py_LT);
+            if (less < 0) {
+                return -1;
+            }
+        }
+        if (less) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* One histogram update of record(): the bucket, sum, min, max and exemplar. */
+static int
+add_to_series(PyObject *series, PyObject *boundaries, PyObject *amount, PyObject *exemplar_tail)
+{
+    Py_ssize_t index = bucket_of(boundaries, amount);
+    if (index < 0) {
+        return -1;
+    }
+    int status = -1;
+    PyObject *counts = slot_get(series, &SERIES_COUNTS), *figure = NULL, *updated = NULL;
+    if (counts == NULL) {
+        return -1;
+    }
+    if (!PyList_CheckExact(counts) || index >= PyList_GET_SIZE(counts)) {
+        PyErr_SetString(PyExc_IndexError, "series counts do not match the boundaries");
+        goto done;
+    }
+    updated = add(PyList_GET_ITEM(counts, index), ONE);
+    if (updated == NULL) {
+        goto done;
+    }
+    PyList_SetItem(counts, index, updated); /* steals updated */
+    updated = NULL;
+    if ((figure = slot_get(series, &SERIES_SUM)) == NULL
+        || (updated = add(figure, amount)) == NULL
+        || slot_set(series, &SERIES_SUM, updated) < 0) {
+        goto done;
+    }
+    Py_CLEAR(figure);
+    if ((figure = slot_get(series, &SERIES_MIN)) == NULL) {
+        goto done;
+    }
+    int beyond = compare(amount, figure, Py_LT);
+    if (beyond < 0 || (beyond && slot_set(series, &SERIES_MIN, amount) < 0)) {
+        goto done;
+    }
+    Py_CLEAR(figure);
+    if ((figure = slot_get(series, &SERIES_MAX)) == NULL) {
+        goto done;
+    }
+    beyond = compare(amount, figure, Py_GT);
+    if (beyond < 0 || (beyond && slot_set(series, &SERIES_MAX, amount) < 0)) {
+        goto done;
+    }
+    Py_CLEAR(figure);
+    if (slot_set(series, &SERIES_COUNT, ONE) < 0) { /* has figures */
+        goto done;
+    }
+    if (exemplar_tail != NULL) { /* (when, span, attributes): the latest per bucket */
+        PyObject *exemplar = PyTuple_Pack(4, amount, PyTuple_GET_ITEM(exemplar_tail, 0),
+                                          PyTuple_GET_ITEM(exemplar_tail, 1),
+                                          PyTuple_GET_ITEM(exemplar_tail, 2));
+        PyObject *bucket = exemplar == NULL ? NULL : PyLong_FromSsize_t(index);
+        figure = bucket == NULL ? NULL : slot_get(series, &SERIES_EXEMPLARS);
+        int stored = figure == NULL ? -1 : PyObject_SetItem(figure, bucket, exemplar);
+        Py_XDECREF(bucket);
+        Py_XDECREF(exemplar);
+        if (stored < 0) {
+            goto done;
+        }
+    }
+    status = 0;
+done:
+    Py_XDECREF(updated);
+    Py_XDECREF(figure);
+    Py_DECREF(counts);
+    return status;
+}
+
+static long long
+wall_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* fastpath._record_rows, compiled: the loop of FastHistogram.record_pairs (both
+ * locks held by the caller). */
+static PyObject *
+record_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "record_rows(histogram, other, rows, filtered, pair_of, negative)");
+        return NULL;
+    }
+    PyObject *histogram = args[0], *other = args[1], *pair_of_attributes = args[4],
+             *negative = args[5];
+    int filtered = PyObject_IsTrue(args[3]);
+    if (filtered < 0) {
+        return NULL;
+    }
+    PyObject *rows = PySequence_Fast(args[2], "rows must be a sequence");
+    if (rows == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL, *judged = NULL, *span = Py_NewRef(Py_None), *tail = NULL;
+    PyObject *pairs = PyObject_GetAttr(histogram, s__pairs);
+    PyObject *boundaries = pairs == NULL ? NULL : PyObject_GetAttr(histogram, s_boundaries);
+    PyObject *other_boundaries = boundaries == NULL ? NULL : PyObject_GetAttr(other, s_boundaries);
+    if (other_boundaries == NULL) {
+        goto done;
+    }
+    if (!PyDict_CheckExact(pairs) || !PyTuple_CheckExact(boundaries)
+        || !PyTuple_CheckExact(other_boundaries)) {
+        PyErr_SetString(PyExc_TypeError, "record_rows: not a FastHistogram's fields");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(rows); i++) {
+        PyObject *row = PySequence_Fast_GET_ITEM(rows, i);
+        if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 4) {
+            PyErr_SetString(PyExc_TypeError, "a row is (amount, other_amount, attributes, context)");
+            goto done;
+        }
+        PyObject *amount = PyTuple_GET_ITEM(row, 0), *other_amount = PyTuple_GET_ITEM(row, 1),
+                 *attributes = PyTuple_GET_ITEM(row, 2), *context = PyTuple_GET_ITEM(row, 3);
+        PyObject *id = PyLong_FromVoidPtr(attributes);
+        if (id == NULL) {
+            goto done;
+        }
+        PyObject *pair = PyDict_GetItemWithError(pairs, id);
+        Py_DECREF(id);
+        if (pair == NULL && PyErr_Occurred()) {
+            goto done;
+        }
+        if (pair != NULL && PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 4
+            && PyTuple_GET_ITEM(pair, 0) == attributes && PyTuple_GET_ITEM(pair, 1) == other) {
+            Py_INCREF(pair);
+        }
+        else {
+            pair = PyObject_CallFunctionObjArgs(pair_of_attributes, other, attributes, NULL);
+            if (pair == NULL) {
+                goto done;
+            }
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 4) {
+                Py_DECREF(pair);
+                PyErr_SetString(PyExc_TypeError, "_pair_locked must return a 4-tuple");
+                goto done;
+            }
+        }
+        if (filtered && context != judged) { /* one verdict per distinct context */
+            judged = context;
+            Py_SETREF(span, PyObject_CallMethod(histogram, "_sampled", "O", context));
+            if (span == NULL) {
+                Py_DECREF(pair);
+                goto done;
+            }
+        }
+        Py_CLEAR(tail);
+        if (span != Py_None) { /* the exemplar's (time, span, attributes) */
+            tail = Py_BuildValue("(LOO)", wall_ns(), span, attributes);
+            if (tail == NULL) {
+                Py_DECREF(pair);
+                goto done;
+            }
+        }
+        int failed = 0;
+        PyObject *amounts[2] = {amount, other_amount};
+        PyObject *instruments[2] = {histogram, other};
+        PyObject *bounds[2] = {boundaries, other_boundaries};
+        for (int k = 0; k < 2 && !failed; k++) {
+            int below = compare(amounts[k], ZERO, Py_LT);
+            if (below < 0) {
+                failed = 1;
+            }
+            else if (below) { /* as the SDK's histogram (and record()): dropped */
+                PyObject *logged = PyObject_CallOneArg(negative, instruments[k]);
+                failed = logged == NULL;
+                Py_XDECREF(logged);
+            }
+            else {
+                failed = add_to_series(PyTuple_GET_ITEM(pair, 2 + k), bounds[k], amounts[k],
+                                       tail) < 0;
+            }
+        }
+        Py_DECREF(pair);
+        if (failed) {
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(tail);
+    Py_XDECREF(span);
+    Py_XDECREF(other_boundaries);
+    Py_XDECREF(boundaries);
+    Py_XDECREF(pairs);
+    Py_DECREF(rows);
+    return result;
+}
+
 static PyObject *
 module_now_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
@@ -1280,14 +2022,23 @@ module_now_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
 static PyMethodDef module_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS,
      "bind(*, frame, loop, gc_pending, drain_gc, failed, max_unsettled, fresh_scope_ns, "
-     "clock_namespace, get_context): "
-     "the stages module's state the hot path reads."},
+     "clock_namespace, get_context, account_type, tally_type, union_type, binding_type, "
+     "recorder_type): the stages module's state the hot path reads, and the classes whose "
+     "slots it reads in place."},
     {"merge_intervals", merge_intervals, METH_O,
      "merge_intervals(intervals): sorted, disjoint intervals covering the same points."},
     {"union_ns", (PyCFunction)(void (*)(void))union_ns, METH_FASTCALL,
      "union_ns(intervals, start_ns, end_ns): the union's length clipped to [start, end]."},
     {"settle_intervals", (PyCFunction)(void (*)(void))settle_intervals, METH_FASTCALL,
      "settle_intervals(intervals, floor, keep): (settled_ns, settled_end, kept)."},
+    {"tally_rows", (PyCFunction)(void (*)(void))tally_rows, METH_FASTCALL,
+     "tally_rows(tallies, binding, end_held, error_key): (rows, breaches) of an ended "
+     "request's tallies (stages._tally_rows)."},
+    {"bind_series", bind_series, METH_O,
+     "bind_series(series_type): the fast path's series class, updated at its slots."},
+    {"record_rows", (PyCFunction)(void (*)(void))record_rows, METH_FASTCALL,
+     "record_rows(histogram, other, rows, filtered, pair_of, negative): "
+     "FastHistogram.record_pairs' loop, both locks held (fastpath._record_rows)."},
     {"now_ns", module_now_ns, METH_NOARGS,
      "The clock StageCore reads: time.perf_counter_ns()'s."},
     {NULL},
@@ -1312,24 +2063,13 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    INTERN(s__binding, "_binding");
     INTERN(s__bind, "_bind");
     INTERN(s__enter_alone, "_enter_alone");
     INTERN(s__new_tally, "_new_tally");
     INTERN(s__enter_sampled, "_enter_sampled");
-    INTERN(s_cold, "cold");
-    INTERN(s_tallies, "tallies");
-    INTERN(s_recording, "recording");
-    INTERN(s_call_duration, "call_duration");
-    INTERN(s_started, "started");
     INTERN(s_stage_probe, "stage_probe");
-    INTERN(s_closed, "closed");
     INTERN(s_record, "record");
-    INTERN(s_union, "union");
-    INTERN(s_intervals, "intervals");
     INTERN(s_settle, "settle");
-    INTERN(s__instrumentation_ns, "_instrumentation_ns");
-    INTERN(s_held, "held");
     INTERN(s_compressible, "compressible");
     INTERN(s_context, "context");
     INTERN(s_seq, "seq");
@@ -1343,6 +2083,19 @@ PyInit__speedups(void)
     INTERN(s_stage_enter, "stage-enter");
     INTERN(s_stage_exit, "stage-exit");
     INTERN(s_perf_counter_ns, "perf_counter_ns");
+    INTERN(s__attribute_sets, "_attribute_sets");
+    INTERN(s_budgets, "budgets");
+    INTERN(s_metric_attributes, "metric_attributes");
+    INTERN(s_count, "count");
+    INTERN(s_total_ns, "total_ns");
+    INTERN(s__pairs, "_pairs");
+    INTERN(s_boundaries, "boundaries");
+    BILLION = PyFloat_FromDouble(1e9);
+    ONE = PyLong_FromLong(1);
+    ZERO = PyLong_FromLong(0);
+    if (BILLION == NULL || ONE == NULL || ZERO == NULL) {
+        return NULL;
+    }
 
     PyObject *time_module = PyImport_ImportModule("time");
     if (time_module == NULL) {

@@ -555,6 +555,25 @@ def _delay_histogram(meter: metrics.Meter) -> metrics.Histogram:
 class LoopMonitor:
     """Watches every loop that runs a stage; one watchdog thread per process."""
 
+    # Slots: every stage call reads ``started`` (the compiled core at its slot).
+    __slots__ = (
+        "__weakref__",
+        "_error_logged",
+        "_last",
+        "_lock",
+        "_pid",
+        "_recorder",
+        "_stop",
+        "_watchdog",
+        "_watchdog_ident",
+        "_watches",
+        "period_ns",
+        "period_s",
+        "snapshot",
+        "started",
+        "threshold_ns",
+    )
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.started = False

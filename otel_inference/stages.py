@@ -433,6 +433,17 @@ class StageRecorder:
     are given their own ``tracer_provider`` / ``meter_provider``.
     """
 
+    # Slots: every stage call reads ``_binding`` (the compiled core at its slot).
+    __slots__ = (
+        "__weakref__",
+        "_binding",
+        "_budgets",
+        "_lock",
+        "_meter_provider",
+        "_root_stages",
+        "_tracer_provider",
+    )
+
     def __init__(
         self,
         tracer_provider: TracerProvider | None = None,
@@ -1024,6 +1035,12 @@ def _compiled_core() -> type | None:
         fresh_scope_ns=_FRESH_SCOPE_NS,
         clock_namespace=globals(),
         get_context=otel_context.get_current,
+        # Read and written at their slots (and tallies made there) when compiled.
+        account_type=RequestAccount,
+        tally_type=StageTally,
+        union_type=IntervalUnion,
+        binding_type=_Binding,
+        recorder_type=StageRecorder,
     )
     return SPEEDUPS.StageCore
 
@@ -1494,13 +1511,35 @@ def _record_account(
             total[2] += value
     for instrument, attributes, value in totals.values():
         _emit(instrument, value, attributes)
-    breached: list[str] = []
+    rows, breaches = tally_rows(tallies, binding, _end_held, semconv.ERROR_TYPE)
     duration, calls_histogram = binding.duration, binding.calls
-    # The fast path records every stage's time and call count in one batch; the
-    # SDK's instruments record them one by one, in the same order.
-    rows: list[tuple[float, int, dict[str, Any], Any]] | None = (
-        [] if type(duration) is FastHistogram and type(calls_histogram) is FastHistogram else None
-    )
+    if type(duration) is FastHistogram and type(calls_histogram) is FastHistogram:
+        if rows:  # every stage's time and call count in one batch
+            duration.record_pairs(calls_histogram, rows)
+    else:
+        for seconds, calls, attributes, context in rows:
+            duration.record(seconds, attributes, context=context)
+            calls_histogram.record(calls, attributes, context=context)
+    for _name, attributes, context in breaches:
+        binding.breaches.add(1, attributes, context=context)
+    if request_span is not None and request_span.is_recording():
+        if account.spans_dropped:
+            request_span.set_attribute(semconv.INFERENCE_SPANS_DROPPED, account.spans_dropped)
+        if breaches:
+            request_span.set_attribute(
+                semconv.INFERENCE_BUDGET_EXCEEDED_STAGES, [name for name, _, _ in breaches]
+            )
+
+
+def _tally_rows(
+    tallies: list[StageTally], binding: _Binding, end_held: Callable[..., None], error_key: str
+) -> tuple[list[tuple[float, int, Any, Any]], list[tuple[str, Any, Any]]]:
+    """The records of an ended request's tallies: ``(seconds, calls, attributes,
+    context)`` per stage with a finished call, ``(name, attributes, context)`` per
+    stage over its budget; each held span ended (``end_held``) with the verdict.
+    Compiled (``_speedups.tally_rows``) when built: it runs per stage and request."""
+    rows: list[tuple[float, int, Any, Any]] = []
+    breaches: list[tuple[str, Any, Any]] = []
     attribute_sets = binding._attribute_sets
     budgets = binding.budgets
     for tally in tallies:
@@ -1519,27 +1558,19 @@ def _record_account(
             (name, tally.parent, tally.cold)
         ) or binding.metric_attributes(name, tally.parent, tally.cold)
         if tally.error_type is not None:
-            attributes = {**attributes, semconv.ERROR_TYPE: tally.error_type}
+            attributes = {**attributes, error_key: tally.error_type}
         budget = budgets.get(name)
         exceeded = budget is not None and seconds > budget
         if tally.held is not None:
-            _end_held(tally.held, budget, exceeded)
+            end_held(tally.held, budget, exceeded)
             tally.held = None
-        if rows is not None:
-            rows.append((seconds, calls, attributes, tally.context))
-        else:
-            duration.record(seconds, attributes, context=tally.context)
-            calls_histogram.record(calls, attributes, context=tally.context)
+        rows.append((seconds, calls, attributes, tally.context))
         if exceeded:
-            binding.breaches.add(1, attributes, context=tally.context)
-            breached.append(name)
-    if rows:
-        duration.record_pairs(calls_histogram, rows)  # type: ignore[union-attr]
-    if request_span is not None and request_span.is_recording():
-        if account.spans_dropped:
-            request_span.set_attribute(semconv.INFERENCE_SPANS_DROPPED, account.spans_dropped)
-        if breached:
-            request_span.set_attribute(semconv.INFERENCE_BUDGET_EXCEEDED_STAGES, breached)
+            breaches.append((name, attributes, tally.context))
+    return rows, breaches
+
+
+tally_rows = _tally_rows if SPEEDUPS is None else SPEEDUPS.tally_rows
 
 
 def _finish_span(

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from time import perf_counter_ns
+from time import perf_counter_ns, time_ns
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -252,6 +252,8 @@ def test_the_accounting_suite_passes_on_the_python_core(tmp_path):
             "tests/test_stages.py",
             "tests/test_stages_interval.py",
             "tests/test_concurrency.py",
+            "tests/test_fastpath.py",
+            "tests/test_outputs_identical.py",
         ],
         env=env,
         cwd=ROOT,
@@ -278,3 +280,172 @@ def test_held_span_joins_as_the_python_one():
     fields += ("limit_ns",)
     assert {f: getattr(native, f) for f in fields} == {f: getattr(python, f) for f in fields}
     assert (native.span, native.context) == ("span", "ctx")
+
+
+def test_a_first_call_makes_the_tally_the_python_core_makes():
+    compiled()
+    recorder = StageRecorder(
+        TracerProvider(sampler=ALWAYS_OFF), MeterProvider(metric_readers=[]), budgets={}
+    )
+    with recorder.request() as request_scope:
+        with recorder.stage("tokenize"):
+            pass
+        made = request_scope.account.tallies[("tokenize", None)]
+        reference = stages_module.python_core_stage_scope()(recorder, "tokenize", None)
+        reference._parent, reference._cold = None, False
+        expected = reference._new_tally(stages_module.RequestAccount("other", 0))
+    assert type(made) is accounting.StageTally
+    assert type(made.union) is accounting.IntervalUnion
+    for field in ("name", "parent", "cold", "context", "error_type", "held"):
+        assert getattr(made, field) == getattr(expected, field), field
+    assert made.union.settled is None and len(made.union.intervals) == 1
+
+
+def test_an_account_of_another_class_is_read_through_its_attributes():
+    """The compiled core reads the package's own classes at their slots; any other
+    object (here a subclass of the account) goes through getattr, with the same result."""
+    compiled()
+
+    class Account(stages_module.RequestAccount):
+        __slots__ = ("note",)
+
+    reader = InMemoryMetricReader()
+    recorder = StageRecorder(
+        TracerProvider(sampler=ALWAYS_OFF), MeterProvider(metric_readers=[reader]), budgets={}
+    )
+    account = Account("custom", perf_counter_ns())
+    token = stages_module._FRAME.set((account, None))
+    try:
+        for _ in range(3):
+            with recorder.stage("tokenize"):
+                pass
+    finally:
+        stages_module._FRAME.reset(token)
+    tally = account.tallies[("tokenize", None)]
+    assert tally.calls == 3 and account.instrumentation_ns() > 0
+
+
+def _request_end_tallies(contexts: list[object], held_spans: list[object]) -> list:
+    """Tallies of every shape a request's end meets (made afresh per call)."""
+    tallies = []
+
+    def tally(name, parent=None, cold=False, intervals=(), error=None, held=None, context=None):
+        made = accounting.StageTally(name, parent, cold, context)
+        for start, end in intervals:
+            made.add(start, end, error)
+        made.held = held
+        tallies.append(made)
+        return made
+
+    tally("tokenize", intervals=[(1_000, 2_500)], context=contexts[0])  # one call
+    tally("model_forward", intervals=[(0, 30_000_000)], held=held_spans[0])  # over its budget
+    tally("feature_hydration", intervals=[(0, 10), (5, 20), (40, 50), (45, 45)])
+    tally("postprocess", "model_forward", intervals=[(1, 2)], error="KeyError")
+    tally("serialize", cold=True, intervals=[(0, 3)], context=contexts[1], held=held_spans[1])
+    tally("never_finished")  # opened, no call finished: no records
+    tally("brand_new_stage", intervals=[(10, 5)])  # a clock step back: as Python divides it
+    many = tally("repeated")
+    for start in range(0, 10 * (accounting.MAX_UNSETTLED_INTERVALS + 50), 10):
+        many.add(start, start + 7, None)  # past the limit: settled into a total
+    assert many.union.settled is not None
+    return tallies
+
+
+def test_request_end_rows_equal_the_python_reference():
+    speedups = compiled()
+    contexts = [object(), object()]
+    held_spans = [accounting.HeldSpan("a", 0, 1, 1, True, None, 1), object()]
+    results = []
+    for tally_rows in (speedups.tally_rows, stages_module._tally_rows):
+        recorder = StageRecorder(
+            TracerProvider(sampler=ALWAYS_OFF),
+            MeterProvider(metric_readers=[]),
+            budgets={"model_forward": 0.02, "tokenize": 1.0, "repeated": 1e-9},
+        )
+        binding = recorder._bind()
+        tallies = _request_end_tallies(contexts, held_spans)
+        ended: list[tuple] = []
+        rows, breaches = tally_rows(
+            tallies, binding, lambda *args, ended=ended: ended.append(args), "error.type"
+        )
+        assert all(tally.held is None for tally in tallies)
+        typed = [(type(s), s, type(c), c, a, id(x)) for s, c, a, x in rows]
+        results.append((typed, breaches, ended))
+    assert results[0] == results[1]
+    rows, breaches, ended = results[0]
+    assert len(rows) == 7  # never_finished has none
+    assert [name for name, _, _ in breaches] == ["model_forward", "repeated"]
+    assert [(held, budget, exceeded) for held, budget, exceeded in ended] == [
+        (held_spans[0], 0.02, True),
+        (held_spans[1], None, False),
+    ]
+
+
+def test_fast_histogram_rows_equal_the_python_reference():
+    """The compiled loop of FastHistogram.record_pairs updates the series as the Python
+    one does: buckets, sums (ints stay ints), min, max, exemplars; NaN and huge ints
+    too, and negative values dropped the same way."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from otel_inference import fastpath
+
+    speedups = compiled()
+
+    def context(trace_id: int, sampled: bool):
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled else 0)
+        return trace.set_span_in_context(
+            NonRecordingSpan(SpanContext(trace_id, trace_id + 1, False, flags))
+        )
+
+    sampled, unsampled = context(21, True), context(22, False)
+    a, b = {"inference.stage": "tokenize"}, {"inference.stage": "model_forward"}
+    rows = [
+        (0.002, 1, a, sampled),
+        (0.3, 4, b, sampled),
+        (0.001, 2, a, unsampled),
+        (-1.0, 3, b, None),
+        (float("nan"), 1, a, sampled),
+        (float("inf"), 2**70, b, None),
+        (5, 7, a, sampled),  # an int time: its sum stays an int until a float joins
+        (0.0, -2, b, unsampled),
+        (1.0, 5, a, sampled),  # on a boundary: bisect_left's bucket
+    ]
+
+    def snapshot(histogram, start_ns: int, end_ns: int) -> list:
+        figures = []
+        for key, series in sorted(histogram._series.items(), key=lambda item: str(item[0])):
+            exemplars = {}
+            for index, (amount, when, span, attributes) in series.exemplars.items():
+                assert start_ns <= when <= end_ns
+                exemplars[index] = (repr(amount), span.get_span_context().trace_id, attributes)
+            counts, sums = (
+                list(series.counts),
+                (repr(series.sum), repr(series.min), repr(series.max)),
+            )
+            figures.append((key, counts, *sums, series.count, exemplars))
+        return figures
+
+    results = []
+    for record_rows in (speedups.record_rows, fastpath._record_rows):
+        scope = InstrumentationScope("t")
+        seconds = fastpath.FastHistogram("s", "s", "", scope, (0.01, 0.1, 1.0), "trace_based")
+        calls = fastpath.FastHistogram("c", "1", "", scope, (1, 2, 5), "trace_based")
+        dropped: list[str] = []
+        start_ns = time_ns()
+        for _ in range(2):  # the second time through, the pairs are found by identity
+            record_rows(
+                seconds,
+                calls,
+                rows,
+                True,
+                seconds._pair_locked,
+                lambda i, dropped=dropped: dropped.append(i.name),
+            )
+        end_ns = time_ns()
+        results.append(
+            (snapshot(seconds, start_ns, end_ns), snapshot(calls, start_ns, end_ns), dropped)
+        )
+    assert results[0] == results[1]
+    assert results[0][2] == ["s", "c"] * 2
