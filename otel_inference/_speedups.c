@@ -201,19 +201,32 @@ call_clock(PyObject *clock, long long *out)
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* The clock to read: *clock is NULL for CLOCK_MONOTONIC, else a new reference to a
+ * test's deterministic clock (a monkeypatched stages.perf_counter_ns), which both
+ * cores read alike. 0 or -1. */
 static inline int
-now_ns(long long *out)
+patched_clock(PyObject **clock)
 {
-    if (CLOCK_NAMESPACE != NULL) {
-        /* A test's deterministic clock (monkeypatched stages.perf_counter_ns) is read
-         * by both cores alike. */
-        PyObject *clock = PyDict_GetItemWithError(CLOCK_NAMESPACE, s_perf_counter_ns);
-        if (clock != NULL && clock != PERF_COUNTER_NS) {
-            return call_clock(clock, out);
-        }
-        if (clock == NULL && PyErr_Occurred()) {
-            return -1;
-        }
+    *clock = NULL;
+    if (CLOCK_NAMESPACE == NULL) {
+        return 0;
+    }
+    PyObject *found = PyDict_GetItemWithError(CLOCK_NAMESPACE, s_perf_counter_ns);
+    if (found == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (found != PERF_COUNTER_NS) {
+        *clock = Py_NewRef(found);
+    }
+    return 0;
+}
+
+/* Read ``clock`` (from patched_clock). */
+static inline int
+read_clock(PyObject *clock, long long *out)
+{
+    if (clock != NULL) {
+        return call_clock(clock, out);
     }
 #if defined(__linux__)
     struct timespec ts;
@@ -223,6 +236,18 @@ now_ns(long long *out)
     }
 #endif
     return call_clock(PERF_COUNTER_NS, out);
+}
+
+static inline int
+now_ns(long long *out)
+{
+    PyObject *clock;
+    if (patched_clock(&clock) < 0) {
+        return -1;
+    }
+    int status = read_clock(clock, out);
+    Py_XDECREF(clock);
+    return status;
 }
 
 
@@ -702,7 +727,12 @@ enter_in(StageCore *self, PyObject *current)
         return NULL;
     }
     long long enter_ns;
-    if (now_ns(&enter_ns) < 0) {
+    PyObject *clock; /* looked up once for both readings */
+    if (patched_clock(&clock) < 0) {
+        return NULL;
+    }
+    if (read_clock(clock, &enter_ns) < 0) {
+        Py_XDECREF(clock);
         return NULL;
     }
     /* A scope entered this soon after it was made was made for this ``with``: its
@@ -717,6 +747,7 @@ enter_in(StageCore *self, PyObject *current)
     if (enter_frame(self, current) < 0) {
         /* never break the host application */
         if (swallow_exception(s_stage_enter) < 0) {
+            Py_XDECREF(clock);
             return NULL;
         }
         SET_FIELD(binding, Py_None);
@@ -725,7 +756,9 @@ enter_in(StageCore *self, PyObject *current)
         SET_FIELD(tally, Py_None);
     }
     self->enter_ns = enter_ns;
-    if (now_ns(&self->start_ns) < 0) {
+    int read = read_clock(clock, &self->start_ns);
+    Py_XDECREF(clock);
+    if (read < 0) {
         return NULL;
     }
     /* Watches the running loop; a sync stage's thread CPU clock (#16). */
@@ -2009,6 +2042,78 @@ done:
     return result;
 }
 
+/* ---- StageRecorder.stage, compiled: the scope made without a Python frame ---- */
+
+static PyTypeObject *CORE_TYPE = NULL;  /* StageCore */
+static PyTypeObject *SCOPE_TYPE = NULL; /* stages.StageScope, from bind_scope() */
+
+static PyObject *
+bind_scope(PyObject *module, PyObject *scope_type)
+{
+    if (!PyType_Check(scope_type) || !PyType_IsSubtype((PyTypeObject *)scope_type, CORE_TYPE)) {
+        PyErr_SetString(PyExc_TypeError, "bind_scope(): not a subclass of StageCore");
+        return NULL;
+    }
+    Py_XSETREF(SCOPE_TYPE, (PyTypeObject *)Py_NewRef(scope_type));
+    Py_RETURN_NONE;
+}
+
+/* ``StageScope(recorder, name, attributes or None)``: what the Python method does
+ * (its ``**attributes`` dict is only made when there are some: a scope reads them
+ * only when truthy). */
+static PyObject *
+recorder_stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (SCOPE_TYPE == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "otel_inference._speedups: bind_scope() was not called");
+        return NULL;
+    }
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError,
+                     "stage() takes a stage name and attributes as keywords (%zd positional "
+                     "arguments given)",
+                     nargs - 1);
+        return NULL;
+    }
+    PyObject *attributes = Py_None;
+    Py_ssize_t keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (keywords > 0) {
+        attributes = PyDict_New();
+        if (attributes == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < keywords; i++) {
+            if (PyDict_SetItem(attributes, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+                Py_DECREF(attributes);
+                return NULL;
+            }
+        }
+    }
+    else {
+        Py_INCREF(attributes);
+    }
+    StageCore *scope = (StageCore *)SCOPE_TYPE->tp_alloc(SCOPE_TYPE, 0);
+    if (scope == NULL) {
+        Py_DECREF(attributes);
+        return NULL;
+    }
+    scope->recorder = Py_NewRef(args[0]);
+    scope->name = Py_NewRef(args[1]);
+    scope->attributes = attributes;
+    /* Making the scope is our work too: ``with stage(...)`` counts from here. */
+    if (now_ns(&scope->created_ns) < 0) {
+        Py_DECREF(scope);
+        return NULL;
+    }
+    return (PyObject *)scope;
+}
+
+static PyMethodDef recorder_stage_def = {
+    "stage", (PyCFunction)(void (*)(void))recorder_stage, METH_FASTCALL | METH_KEYWORDS,
+    "stage($self, name, /, **attributes)\n--\n\n"
+    "A stage as a context manager (sync or async) or a decorator.",
+};
+
 static PyObject *
 module_now_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
@@ -2039,6 +2144,8 @@ static PyMethodDef module_methods[] = {
     {"record_rows", (PyCFunction)(void (*)(void))record_rows, METH_FASTCALL,
      "record_rows(histogram, other, rows, filtered, pair_of, negative): "
      "FastHistogram.record_pairs' loop, both locks held (fastpath._record_rows)."},
+    {"bind_scope", bind_scope, METH_O,
+     "bind_scope(scope_type): the StageScope class stage_method makes."},
     {"now_ns", module_now_ns, METH_NOARGS,
      "The clock StageCore reads: time.perf_counter_ns()'s."},
     {NULL},
@@ -2122,8 +2229,22 @@ PyInit__speedups(void)
         return NULL;
     }
     PyObject *core = PyType_FromSpec(&core_spec);
-    if (core == NULL || PyModule_AddObject(module, "StageCore", core) < 0) {
-        Py_XDECREF(core);
+    if (core == NULL) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    CORE_TYPE = (PyTypeObject *)Py_NewRef(core);
+    if (PyModule_AddObject(module, "StageCore", core) < 0) {
+        Py_DECREF(core);
+        Py_DECREF(module);
+        return NULL;
+    }
+    /* StageRecorder.stage: a function made a method (bound to the recorder on access). */
+    PyObject *function = PyCFunction_NewEx(&recorder_stage_def, NULL, NULL);
+    PyObject *method = function == NULL ? NULL : PyInstanceMethod_New(function);
+    Py_XDECREF(function);
+    if (method == NULL || PyModule_AddObject(module, "stage_method", method) < 0) {
+        Py_XDECREF(method);
         Py_DECREF(module);
         return NULL;
     }

@@ -449,3 +449,19 @@ def test_fast_histogram_rows_equal_the_python_reference():
         )
     assert results[0] == results[1]
     assert results[0][2] == ["s", "c"] * 2
+
+
+def test_recorder_stage_makes_its_scope_in_c_as_the_python_method_does():
+    speedups = compiled()
+    assert StageRecorder.__dict__["stage"] is speedups.stage_method
+    recorder = StageRecorder(
+        TracerProvider(sampler=ALWAYS_OFF), MeterProvider(metric_readers=[]), budgets={}
+    )
+    plain, with_attributes = recorder.stage("tokenize"), recorder.stage("tokenize", model="m")
+    assert type(plain) is stages_module.StageScope
+    assert (plain._recorder, plain._name, plain._attributes) == (recorder, "tokenize", None)
+    assert with_attributes._attributes == {"model": "m"}
+    with pytest.raises(TypeError, match="stage name"):
+        recorder.stage()
+    with pytest.raises(TypeError, match="stage name"):
+        recorder.stage("a", "b")
