@@ -23,6 +23,7 @@ lint: install  ## ruff's lint and format checks
 	$(PYTHON) -m ruff format --check $(LINTED)
 
 bench: install  ## same-run A/B benchmarks; rewrites benchmarks/results.md
+	$(BOOTSTRAP) system --then "bench_instructions is skipped" valgrind
 	$(PYTHON) -m benchmarks.run_all
 
 demo: install  ## the embedding service under opentelemetry-instrument: Redis, load, then the report

@@ -166,7 +166,8 @@ def unsampled() -> str:
     result.notes.append(
         f"Per stage (first call in the request, its request-end records and a sixth of the "
         f"request's own): {per_stage_sdk:.2f} us on the SDK path, {per_stage:.2f} us on the "
-        f"fast path (target <= 2 us: {'MET' if per_stage <= 2 else 'MISSED'}); same-run ratio "
+        f"fast path (the request's own fixed cost shared out: the 2 us target is a stage's, "
+        f"judged in the next section); same-run ratio "
         f"fast/SDK {result.ratio('fast path', 'SDK path'):.3f}x. With no metrics at all the "
         f"stage machinery alone costs {floor:.2f} us a stage: the fast path's records add "
         f"{per_stage - floor:.2f} us a stage ({records:.2f} us for each of the request's "
@@ -182,34 +183,14 @@ DISTINCT_TITLE = "fast path: one more distinct stage in an unsampled request"
 
 def distinct_stage() -> str:
     """What one more distinct stage adds to an unsampled request (12 stages minus 6,
-    divided by 6), and the part of it that is its tally and its request-end work
-    (the same requests with each stage's tally made as its first call makes it, one
-    interval added, no ``with``): the issue's "first call in a request included"."""
-    from otel_inference.stages import StageScope
-
+    divided by 6): the issue's "first call in a request included". Split into what
+    any call costs (a request calling its 6 stages twice, minus once) and what only
+    a stage's first call in the request costs: its tally, its share of the
+    covered-time union and its two records at the request's end."""
     recorder = StageRecorder(
         TracerProvider(sampler=ALWAYS_OFF), fast_provider()[0], budgets=BUDGETS
     )
     names = [f"stage_{i}" for i in range(12)]
-
-    def tallies_only(count: int):
-        scopes: list[StageScope] = []
-        for name in names[:count]:
-            scope = recorder.stage(name)
-            scope._parent, scope._cold = None, False  # what __enter__ sets in a request
-            scopes.append(scope)
-
-        def run(n: int) -> int:
-            start = thread_time_ns()
-            for _ in range(n):
-                with recorder.request() as request:
-                    account = request.account
-                    for scope in scopes:
-                        now = perf_counter_ns()
-                        scope._new_tally(account).union.intervals.append((now, now + 1000))
-            return thread_time_ns() - start
-
-        return run
 
     def bare_pair(n: int) -> int:  # the machine's speed in this run
         start = thread_time_ns()
@@ -219,35 +200,35 @@ def distinct_stage() -> str:
     bench = Benchmark(DISTINCT_TITLE, baseline="6 stages")
     bench.case("6 stages", six_stage_requests(recorder, names[:6]))
     bench.case("12 stages", six_stage_requests(recorder, names))
-    bench.case("6 tallies, no with", tallies_only(6))
-    bench.case("12 tallies, no with", tallies_only(12))
+    bench.case("6 stages, each called twice", six_stage_requests(recorder, names[:6] * 2))
     bench.case("perf_counter_ns pair", bare_pair)
-    result = bench.run(ops=2_000, rounds=15, self_timed=True, clock=thread_time_ns)
+    # Short rounds, many of them: each round is judged at full speed or not by its own
+    # bare pair, and the machine's slow phases come and go within seconds.
+    result = bench.run(ops=500, rounds=40, self_timed=True, clock=thread_time_ns)
     pair_us = result.cases["perf_counter_ns pair"].median_us
     measured = result.added_us("12 stages") / 6
-    measured_tally = result.added_us("12 tallies, no with", "6 tallies, no with") / 6
+    measured_call = result.added_us("6 stages, each called twice") / 6
     fast, fast_rounds = result.full_speed("12 stages", "6 stages", "perf_counter_ns pair")
-    fast_tally, _ = result.full_speed(
-        "12 tallies, no with", "6 tallies, no with", "perf_counter_ns pair"
+    fast_call, _ = result.full_speed(
+        "6 stages, each called twice", "6 stages", "perf_counter_ns pair"
     )
     if fast_rounds >= 3:
         when = f"in the {fast_rounds} of {result.rounds} rounds at full speed"
-        stage, tally = fast / 6, fast_tally / 6  # type: ignore[operator]
+        stage, call = fast / 6, fast_call / 6  # type: ignore[operator]
     else:  # too few: the run scaled by its bare pair, an estimate
         when = (
             f"scaled to full speed by the bare pair (only {fast_rounds} of {result.rounds} "
             "rounds ran at full speed: an estimate)"
         )
-        stage, tally = at_quiet_speed(measured, pair_us), at_quiet_speed(measured_tally, pair_us)
+        stage, call = at_quiet_speed(measured, pair_us), at_quiet_speed(measured_call, pair_us)
     result.notes.append(
         f"All rounds (a bare pair {pair_us:.3f} us): one more distinct stage adds "
-        f"{measured:.2f} us, its tally and request-end part {measured_tally:.2f} us. {when}: "
-        f"one more distinct stage adds {stage:.2f} us (target <= 2 us: "
-        f"{'MET' if stage <= 2 else 'MISSED'}); its tally and request-end part (the tally "
-        f"made at the first call, the covered-time union, the attributes, budget and two "
-        f"batched records at the end; one perf_counter_ns() and append included) "
-        f"{tally:.2f} us (target ~1 us: {'MET' if tally <= 1.05 else 'MISSED'}), the rest "
-        f"({stage - tally:.2f} us) the with's enter and exit."
+        f"{measured:.2f} us, one more call of a stage already called {measured_call:.2f} us. "
+        f"{when}: one more distinct stage adds {stage:.2f} us (target <= 2 us: "
+        f"{'MET' if stage <= 2 else 'MISSED'}): the call itself (its with's enter and exit, "
+        f"the scope made) {call:.2f} us, and {stage - call:.2f} us for being the stage's "
+        "first call in the request (its tally made, its share of the covered-time union, "
+        "its attributes, budget and two batched records at the request's end)."
     )
     result.write()
     return result.markdown()
@@ -286,8 +267,9 @@ def outside_requests() -> str:
     result = bench.run(ops=10_000, rounds=15, self_timed=True, clock=thread_time_ns)
     result.notes.append(
         f"A single call recorded on exit: {result.added_us('SDK path'):.2f} us on the SDK path, "
-        f"{result.added_us('fast path'):.2f} us on the fast path (target <= 2 us: "
-        f"{'MET' if result.added_us('fast path') <= 2 else 'MISSED'}), "
+        f"{result.added_us('fast path'):.2f} us on the fast path (report only: the 2 us "
+        "target is for a stage inside a request, where a call is tallied and recorded once "
+        "when the request ends; outside one the call takes the per-call path), "
         f"{result.added_us('no metrics at all (no-op meter)'):.2f} us with no metrics at all."
     )
     result.write()
