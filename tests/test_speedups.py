@@ -465,3 +465,57 @@ def test_recorder_stage_makes_its_scope_in_c_as_the_python_method_does():
         recorder.stage()
     with pytest.raises(TypeError, match="stage name"):
         recorder.stage("a", "b")
+
+
+def test_the_request_end_leaks_no_reference(monkeypatch):
+    """tally_rows and record_rows (and a first call's tally) hold nothing past a request:
+    the stage name, its cached attribute set, its series and a context keep their counts."""
+    compiled()
+    monkeypatch.setattr(COLD_START, "remaining", 0)  # warm requests: one attribute set
+    monkeypatch.setattr(COLD_START, "active", False)
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        MetricExporter,
+        MetricExportResult,
+    )
+    from opentelemetry.sdk.resources import Resource
+
+    from otel_inference import fastpath
+
+    class Dropping(MetricExporter):
+        def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis=10_000):
+            return True
+
+        def shutdown(self, timeout_millis=30_000, **kwargs):
+            pass
+
+    cumulative = AggregationTemporality.CUMULATIVE
+    reader = fastpath.FastPeriodicExportingMetricReader(
+        Dropping(), export_interval_millis=3_600_000
+    )
+    provider = fastpath.new_provider(Resource.create({}), [(reader, cumulative, cumulative)])
+    recorder = StageRecorder(TracerProvider(sampler=ALWAYS_OFF), provider, budgets={"leaky": 1e-9})
+    name = "leak_checked_stage"
+
+    def requests(count: int) -> None:
+        for _ in range(count):
+            with recorder.request():
+                with recorder.stage(name):
+                    pass
+                with recorder.stage(name):  # two calls: the union merged in C
+                    pass
+                with recorder.stage("leaky"):  # over budget: a breach row
+                    pass
+
+    requests(10)  # attribute sets and series made
+    binding = recorder._binding
+    attributes = binding._attribute_sets[(name, None, False)]
+    series = binding.duration._pairs[id(attributes)]
+    watched = (name, attributes, *series[2:], binding.budgets)
+    before = [sys.getrefcount(obj) for obj in watched]
+    requests(2_000)
+    assert [sys.getrefcount(obj) for obj in watched] == before
+    provider.shutdown()
