@@ -199,9 +199,9 @@ def _add_to_series(
         series.min = amount
     if amount > series.max:
         series.max = amount
-    series.count = 1
+    series.count = 1  # has figures (the count is the buckets' sum)
     if when is not None:
-        series.exemplars[index] = (amount, when, span, attributes)
+        series.exemplars[index] = (amount, when, span, attributes)  # the latest per bucket
 
 
 class _FastInstrument:
@@ -338,25 +338,12 @@ class FastHistogram(_FastInstrument):
                 else self._series_for(attributes)
             )
             if amount < 0:  # as the SDK's histogram: dropped
-                _log_once(
-                    "fast-negative", "otel-inference: negative record on %s dropped", self.name
-                )
+                _negative(self)
                 return
-            index = bisect_left(self.boundaries, amount)
+            span = None if self._exemplars is None else self._sampled(context)
+            when = None if span is None else time_ns()
             with self._lock:
-                series.counts[index] += 1
-                series.sum += amount
-                if amount < series.min:
-                    series.min = amount
-                if amount > series.max:
-                    series.max = amount
-                series.count = 1  # has figures (the count is the buckets' sum)
-            if self._exemplars is not None:
-                span = self._sampled(context)
-                if span is not None:
-                    exemplar = (amount, time_ns(), span, attributes)
-                    with self._lock:
-                        series.exemplars[index] = exemplar  # the latest per bucket
+                _add_to_series(series, self.boundaries, amount, when, span, attributes)
         except Exception:
             _log_once(
                 "fast-record", "otel-inference: failed to record %s", self.name, level=logging.ERROR
